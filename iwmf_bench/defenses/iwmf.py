@@ -1,0 +1,234 @@
+"""Iterative Window Mean Filter (Wang et al., TDSC 2024), exact and fast.
+
+Semantics. ``n = int(lambda_0 * H * W)`` square windows of side ``s`` are applied one
+after the other; each window is overwritten, per channel, by the mean of its current
+values, so a later window reads what earlier ones wrote. A window is given by its
+*centre* ``(row, col)``; it covers rows ``row - s//2 .. row - s//2 + s - 1`` (likewise
+columns), i.e. the true centre for odd ``s``. Centres are drawn uniformly among the
+positions where the window fits inside the image.
+
+Speed. Applying thousands of windows one by one in Python is slow. Two windows that do
+not overlap commute, so the sequence can be split into *dependency levels*: a window's
+level is one more than the highest level of the earlier windows it overlaps. All
+windows of one level are pairwise disjoint and are applied together with one gather
+and one scatter; the levels are applied in order. This equals the sequential result
+exactly (up to float rounding of the mean). The levels are found without a loop over
+windows: at each round, a window is ready when it is the earliest remaining window in
+its ``(2s-1) x (2s-1)`` neighbourhood of positions, which is a scatter-min over
+positions followed by a min-pool. The number of rounds is the depth of the dependency
+graph (about 10-20 for lambda_0 <= 0.5, s = 3), not the number of windows.
+
+Gradients. For fixed centres the filter is linear in the image, and the implementation
+is built from differentiable gathers and out-of-place scatters, so autograd gives the
+exact gradient.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from ..errors import BenchError
+from .base import Defense
+
+
+def draw_centres(batch: int, height: int, width: int, n: int, s: int,
+                 generator: torch.Generator | None = None, shared: bool = False) -> torch.Tensor:
+    """Draw window centres uniformly where an ``s x s`` window fits.
+
+    Returns an int64 tensor of shape ``(n, 2)`` when ``shared`` (one sequence for the
+    whole batch, as in the paper's reference code) or ``(batch, n, 2)`` otherwise.
+    Image ``i`` consumes the generator's numbers ``[2 n i, 2 n (i+1))``, so splitting a
+    batch into chunks while carrying the generator along gives identical results, and
+    image ``i``'s windows never depend on the batch size.
+    """
+    if s < 1 or s > min(height, width):
+        raise BenchError(f"window size s={s} must be between 1 and the image side ({height}x{width})")
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()  # fresh OS entropy; never touches the global RNG
+    rows = 1 if shared else batch
+    u = torch.rand((rows, n, 2), generator=generator, dtype=torch.float64,
+                   device=generator.device)
+    span = torch.tensor([height - s + 1, width - s + 1], dtype=torch.float64, device=u.device)
+    top_left = torch.floor(u * span).long().clamp_max_(span.long() - 1)
+    centres = (top_left + s // 2).cpu()
+    return centres[0] if shared else centres
+
+
+def _top_left(centres: torch.Tensor, batch: int, height: int, width: int, s: int) -> np.ndarray:
+    """Validate centres and return the windows' top-left corners as int32 (B, n, 2)."""
+    if centres.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise BenchError(f"centres must be an integer tensor, got {centres.dtype}")
+    if centres.dim() == 2:
+        centres = centres.unsqueeze(0).expand(batch, -1, -1)
+    if centres.dim() != 3 or centres.shape[0] != batch or centres.shape[-1] != 2:
+        raise BenchError(f"centres must have shape (n, 2) or ({batch}, n, 2), got {tuple(centres.shape)}")
+    tl = np.ascontiguousarray(centres.detach().cpu().numpy(), dtype=np.int32) - s // 2
+    if tl.size and (tl.min() < 0 or tl[..., 0].max() > height - s or tl[..., 1].max() > width - s):
+        raise BenchError(f"window centres must keep the {s}x{s} window inside the {height}x{width} image: "
+                         f"rows in [{s // 2}, {height - s + s // 2}], cols in [{s // 2}, {width - s + s // 2}]")
+    return tl
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan_levels(top_left, height, width, s):  # pragma: no cover - compiled
+    """Level of every window: one more than the highest level under it (height map)."""
+    batch, n = top_left.shape[0], top_left.shape[1]
+    levels = np.empty((batch, n), dtype=np.int64)
+    height_map = np.empty((height, width), dtype=np.int64)
+    for b in range(batch):
+        height_map[:, :] = -1
+        for k in range(n):
+            r0, c0 = top_left[b, k, 0], top_left[b, k, 1]
+            top = -1
+            for i in range(r0, r0 + s):
+                for j in range(c0, c0 + s):
+                    top = max(top, height_map[i, j])
+            top += 1
+            levels[b, k] = top
+            height_map[r0:r0 + s, c0:c0 + s] = top
+    return levels
+
+
+@numba.njit(cache=True, nogil=True)
+def _gather_indices(top_left, levels, channels, height, width, s):  # pragma: no cover - compiled
+    """Flat NCHW indices of every window's pixels, ordered by (level, window, channel,
+    pixel), and the number of windows in each level."""
+    batch, n = top_left.shape[0], top_left.shape[1]
+    depth = levels.max() + 1
+    counts = np.zeros(depth, dtype=np.int64)
+    for b in range(batch):
+        for k in range(n):
+            counts[levels[b, k]] += 1
+    start = np.zeros(depth, dtype=np.int64)  # first window slot of each level
+    for level in range(1, depth):
+        start[level] = start[level - 1] + counts[level - 1]
+    per_window = channels * s * s
+    index = np.empty(batch * n * per_window, dtype=np.int64)
+    for b in range(batch):  # stable within a level: image-major, then sequence order
+        for k in range(n):
+            slot = start[levels[b, k]]
+            start[levels[b, k]] += 1
+            at = slot * per_window
+            for c in range(channels):
+                plane = (b * channels + c) * height * width
+                for i in range(s):
+                    row = plane + (top_left[b, k, 0] + i) * width + top_left[b, k, 1]
+                    for j in range(s):
+                        index[at] = row + j
+                        at += 1
+    return index, counts
+
+
+@numba.njit(cache=True, nogil=True)
+def _apply_in_order(images, top_left, s):  # pragma: no cover - compiled
+    """The definition itself, compiled: windows one after the other, in place."""
+    batch, channels = images.shape[0], images.shape[1]
+    n = top_left.shape[1]
+    area = s * s
+    for b in range(batch):
+        for k in range(n):
+            r0, c0 = top_left[b, k, 0], top_left[b, k, 1]
+            for c in range(channels):
+                total = 0.0  # float64 accumulator
+                for i in range(r0, r0 + s):
+                    for j in range(c0, c0 + s):
+                        total += images[b, c, i, j]
+                mean = total / area
+                for i in range(r0, r0 + s):
+                    for j in range(c0, c0 + s):
+                        images[b, c, i, j] = mean
+
+
+def dependency_levels(centres: torch.Tensor, height: int, width: int, s: int) -> torch.Tensor:
+    """Level of each window, shape ``(B, n)`` (centres as in :func:`iwmf_apply`).
+
+    Windows of one level are pairwise disjoint and depend only on windows of lower
+    levels. One pass over the windows with a per-pixel "height map" (the level of the
+    last window that wrote each pixel): a window's level is one more than the highest
+    value under it. This integer scan is inherently sequential, so it is compiled
+    (numba, about a millisecond for 60k windows); the floating-point work stays in torch
+    on the image's device.
+    """
+    batch = centres.shape[0] if centres.dim() == 3 else 1
+    return torch.from_numpy(_scan_levels(_top_left(centres, batch, height, width, s), height, width, s))
+
+
+def iwmf_apply(x: torch.Tensor, centres: torch.Tensor, s: int = 3) -> torch.Tensor:
+    """Apply an explicit window sequence to ``x`` (NCHW).
+
+    ``centres``: integer tensor ``(n, 2)`` shared by the batch or ``(B, n, 2)`` one
+    sequence per image, in application order. Equals applying the windows one by one.
+    Differentiable (exact gradients); ``x`` is not modified.
+    """
+    if x.dim() != 4:
+        raise BenchError(f"iwmf expects a 4-D NCHW batch, got shape {tuple(x.shape)}")
+    batch, channels, height, width = x.shape
+    tl = _top_left(centres, batch, height, width, s)
+    if tl.shape[1] == 0 or batch == 0:
+        return x.clone()
+    track = x.requires_grad and torch.is_grad_enabled()
+    if x.device.type == "cpu" and not track and x.dtype in (torch.float32, torch.float64):
+        # Inference on CPU: the sequential definition, compiled, beats any schedule.
+        out = x.detach().clone(memory_format=torch.contiguous_format)
+        _apply_in_order(out.numpy(), tl, s)
+        return out
+    # Autograd or GPU: apply dependency levels with differentiable gathers/scatters.
+    levels = _scan_levels(tl, height, width, s)
+    index, counts = _gather_indices(tl, levels, channels, height, width, s)
+    area = s * s
+    groups = torch.from_numpy(index).to(x.device).split((counts * channels * area).tolist())
+    flat = x.reshape(-1) if track else x.reshape(-1).clone()
+    for idx in groups:
+        # One level: disjoint windows, so gather all, average per (window, channel), scatter.
+        m = idx.numel() // area
+        means = flat.index_select(0, idx).view(m, area).mean(dim=1, keepdim=True)
+        values = means.expand(m, area).reshape(-1)
+        if track:
+            flat = flat.scatter(0, idx, values)
+        else:
+            flat.scatter_(0, idx, values)
+    return flat.view(batch, channels, height, width)
+
+
+def iwmf(x: torch.Tensor, lambda_0: float, s: int = 3, generator: torch.Generator | None = None,
+         shared: bool = False) -> torch.Tensor:
+    """IWMF with ``int(lambda_0 * H * W)`` random windows drawn from ``generator``.
+
+    By default every image gets its own window sequence (its result does not depend on
+    the rest of the batch); ``shared=True`` uses one sequence for the whole batch, as
+    the paper's reference code does.
+    """
+    if x.dim() != 4:
+        raise BenchError(f"iwmf expects a 4-D NCHW batch, got shape {tuple(x.shape)}")
+    if not (lambda_0 >= 0):
+        raise BenchError(f"lambda_0 must be >= 0, got {lambda_0}")
+    batch, _, height, width = x.shape
+    n = int(lambda_0 * height * width)
+    centres = draw_centres(batch, height, width, n, s, generator, shared)
+    return iwmf_apply(x, centres, s)
+
+
+class IWMF(Defense):
+    """Iterative Window Mean Filter: lambda_0*H*W random s x s windows, each set to its mean."""
+
+    registered_name = "iwmf"
+    stochastic = True
+    grad_modes = ("none", "bpda", "exact")
+
+    def __init__(self, lambda_0: float = 0.25, s: int = 3, shared: bool = False):
+        super().__init__()
+        if not (lambda_0 >= 0):
+            raise BenchError(f"lambda_0 must be >= 0, got {lambda_0}")
+        if int(s) != s or s < 1:
+            raise BenchError(f"window size s must be a positive integer, got {s}")
+        self.lambda_0, self.s, self.shared = float(lambda_0), int(s), bool(shared)
+        self.stochastic = self.lambda_0 > 0
+
+    def _purify(self, x, generator):
+        return iwmf(x, self.lambda_0, self.s, generator, self.shared)
+
+    def config(self):
+        return {"lambda_0": self.lambda_0, "s": self.s, "shared": self.shared}

@@ -1,0 +1,20 @@
+"""User-facing errors.
+
+Anything a user can fix (bad images, missing weights, wrong options) raises a
+:class:`BenchError`; the CLI prints its message on one line and exits with code 2,
+without a traceback. Programming errors stay ordinary exceptions.
+"""
+
+
+class BenchError(Exception):
+    """An error caused by input or environment that the user can fix; CLI exit code 2."""
+
+    exit_code = 2
+
+
+class DataError(BenchError):
+    """A problem with an image folder or image file."""
+
+
+class WeightsError(BenchError):
+    """A checkpoint is missing, corrupt or does not match its pinned hash."""
