@@ -1,0 +1,192 @@
+"""Known checkpoints: where they come from, how to check them, where they are cached.
+
+Every checkpoint has a name, download URL(s), a size and, where known, a sha256. Files
+live under ``$IWMF_BENCH_HOME/weights`` (default ``~/.cache/iwmf_bench/weights``).
+``iwmf-bench fetch NAME`` downloads with a progress bar into a temporary file, checks the
+size and hash, then renames it into place, so a partial download is never used.
+
+Where no sha256 could be obtained when the entry was written, the hash is pinned on the
+first verified download (the size must match): it is stored next to the file in
+``NAME.sha256`` and every later use is checked against it.
+
+Loading always uses ``torch.load(..., weights_only=True)``: a checkpoint from the
+internet must never be able to run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import WeightsError
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    urls: tuple[str, ...]
+    filename: str
+    size: int | None  # bytes
+    sha256: str | None  # None: pinned on first verified download
+    description: str = ""
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+CHECKPOINTS: dict[str, Checkpoint] = {}
+
+
+def register_checkpoint(ckpt: Checkpoint) -> Checkpoint:
+    CHECKPOINTS[ckpt.name] = ckpt
+    return ckpt
+
+
+# Sizes are those of the files as published; hashes were not obtainable offline when
+# these entries were written, so they are pinned on first verified download.
+register_checkpoint(Checkpoint(
+    name="facenet-vggface2",
+    urls=("https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt",),
+    filename="20180402-114759-vggface2.pt",
+    size=None, sha256=None,
+    description="facenet-pytorch InceptionResnetV1 trained on VGGFace2 (state dict)",
+))
+register_checkpoint(Checkpoint(
+    name="facenet-casia-webface",
+    urls=("https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180408-102900-casia-webface.pt",),
+    filename="20180408-102900-casia-webface.pt",
+    size=None, sha256=None,
+    description="facenet-pytorch InceptionResnetV1 trained on CASIA-WebFace (state dict)",
+))
+register_checkpoint(Checkpoint(
+    name="celeba-hq-ddpm",
+    urls=("https://huggingface.co/gwang-kim/DiffusionCLIP-CelebA_HQ/resolve/main/celeba_hq.ckpt",),
+    filename="celeba_hq.ckpt",
+    size=None, sha256=None,
+    description="DDPM UNet on CelebA-HQ 256x256 (SDEdit/DDRM checkpoint, about 455 MB)",
+))
+
+
+def home() -> Path:
+    return Path(os.environ.get("IWMF_BENCH_HOME", Path.home() / ".cache" / "iwmf_bench"))
+
+
+def cache_path(name: str) -> Path:
+    return home() / "weights" / get_checkpoint(name).filename
+
+
+def get_checkpoint(name: str) -> Checkpoint:
+    if name not in CHECKPOINTS:
+        raise WeightsError(f"unknown checkpoint {name!r}; known: {', '.join(sorted(CHECKPOINTS))}")
+    return CHECKPOINTS[name]
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pin_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def expected_sha256(ckpt: Checkpoint, path: Path) -> str | None:
+    if ckpt.sha256:
+        return ckpt.sha256
+    pin = _pin_file(path)
+    return pin.read_text().split()[0] if pin.exists() else None
+
+
+def verify(ckpt: Checkpoint, path: Path) -> str:
+    """Check size and sha256 of ``path`` against the entry (or its pin); return the hash."""
+    size = path.stat().st_size
+    if ckpt.size is not None and size != ckpt.size:
+        raise WeightsError(f"{path}: size {size} bytes, expected {ckpt.size} for {ckpt.name} "
+                           f"(truncated or altered file); delete it and run `iwmf-bench fetch {ckpt.name}`")
+    digest = sha256_of(path)
+    expected = expected_sha256(ckpt, path)
+    if expected is not None and digest != expected:
+        raise WeightsError(f"{path}: sha256 {digest[:16]}... does not match {expected[:16]}... for {ckpt.name} "
+                           f"(corrupt or altered file); delete it and run `iwmf-bench fetch {ckpt.name}`")
+    return digest
+
+
+def resolve(name: str, weights: str | os.PathLike | None = None) -> Path:
+    """Path of a verified checkpoint: ``weights`` if given, else the cached file.
+
+    A user-supplied file is checked against the pinned hash when one is known; a missing
+    cached file raises a :class:`WeightsError` that names the URL, the cache path and the
+    ``iwmf-bench fetch`` command.
+    """
+    ckpt = get_checkpoint(name)
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"--weights {path}: no such file")
+        if ckpt.sha256 is not None:
+            verify(ckpt, path)
+        return path
+    path = cache_path(name)
+    if not path.is_file():
+        raise WeightsError(
+            f"weights for {name!r} are not in the cache ({path}); download them with "
+            f"`iwmf-bench fetch {name}` (from {ckpt.urls[0]}) or pass a local file with --weights PATH")
+    verify(ckpt, path)
+    return path
+
+
+def load_state_dict(path: str | os.PathLike) -> dict:
+    """Load a checkpoint safely (tensors only, no code execution) onto the CPU."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refused or corrupt archive
+        raise WeightsError(f"{path}: cannot be loaded as a tensor-only checkpoint ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200]}); it may be corrupt or contain code") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return obj
+
+
+def fetch(name: str, progress: bool = True, timeout: float = 30.0) -> Path:
+    """Download a checkpoint into the cache (atomically), verify it and return its path."""
+    from tqdm import tqdm
+
+    ckpt = get_checkpoint(name)
+    dest = cache_path(name)
+    if dest.is_file():
+        verify(ckpt, dest)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for url in ckpt.urls:
+        fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+                total = int(resp.headers.get("Content-Length") or 0) or ckpt.size
+                with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress) as bar:
+                    while block := resp.read(1 << 20):
+                        out.write(block)
+                        bar.update(len(block))
+            digest = verify(ckpt, tmp)
+            if ckpt.sha256 is None and not _pin_file(dest).exists():
+                _pin_file(dest).write_text(f"{digest}  {dest.name}\n")
+            shutil.move(tmp, dest)
+            return dest
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise WeightsError(f"could not download {name!r} ({'; '.join(errors)}); this machine may be offline. "
+                       f"Download the file elsewhere and copy it to {dest}, or pass --weights PATH")
