@@ -1,0 +1,69 @@
+"""The command line, run as a user runs it (subprocess, installed console script)."""
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import iwmf_bench
+
+
+def cli(*args, cwd=None):
+    exe = Path(sys.executable).with_name("iwmf-bench")
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}
+
+
+def test_version_and_list():
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"iwmf-bench {iwmf_bench.__version__}"
+    r = cli("list")
+    assert r.returncode == 0
+    assert "iwmf " in r.stdout and "Iterative Window Mean Filter" in r.stdout and "none " in r.stdout
+
+
+def test_purify_writes_same_names_and_is_reproducible(shared_imgs, tmp_path):
+    args = ["purify", "--defense", "iwmf", "--lambda-0", "0.25", "--input", shared_imgs / "source"]
+    r1 = cli(*args, "--seed", "0", "--output", tmp_path / "a")
+    assert r1.returncode == 0, r1.stderr
+    assert "s/image" in r1.stdout
+    files = sorted((tmp_path / "a").iterdir())
+    assert [p.name for p in files] == sorted(p.with_suffix(".png").name for p in (shared_imgs / "source").iterdir())
+    assert len(files) == 20 and all(Image.open(p).size == (160, 160) for p in files)
+    assert cli(*args, "--seed", "0", "--output", tmp_path / "b").returncode == 0
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    r3 = cli(*args, "--seed", "1", "--output", tmp_path / "c")
+    assert r3.returncode == 0 and digest(tmp_path / "c") != digest(tmp_path / "a")
+    # The filter really changed the images, and not beyond recognition.
+    a = np.asarray(Image.open(files[0]), dtype=float)
+    src = np.asarray(Image.open(shared_imgs / "source" / "00000_25.png").convert("RGB"), dtype=float)
+    assert 1.0 < np.abs(a - src).mean() < 40.0
+
+
+def test_bad_input_exits_2_with_one_line(shared_imgs, tmp_path):
+    for case in ("corrupt", "misnamed"):
+        folder = tmp_path / case
+        shutil.copytree(shared_imgs / "target", folder)
+        if case == "corrupt":
+            (folder / "00003_0.jpg").write_bytes((folder / "00003_0.jpg").read_bytes()[:300])
+            bad = "00003_0.jpg"
+        else:
+            (folder / "00003_0.jpg").rename(folder / "image3.jpg")
+            bad = "image3.jpg"
+        r = cli("purify", "--defense", "iwmf", "--lambda-0", "0.25", "--input", folder, "--output", tmp_path / "o")
+        assert r.returncode == 2
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("iwmf-bench: error:") and bad in lines[0]
+        assert "Traceback" not in r.stderr
+
+
+def test_unknown_defense_is_a_clean_error(tmp_path, shared_imgs):
+    r = cli("purify", "--defense", "nope", "--input", shared_imgs / "source", "--output", tmp_path)
+    assert r.returncode == 2 and "unknown defense 'nope'" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,169 @@
+"""IWMF: exactness against the definition, gradients, randomness discipline."""
+
+import pytest
+import torch
+
+from iwmf_bench import get_defense
+from iwmf_bench.defenses.iwmf import IWMF, dependency_levels, draw_centres, iwmf, iwmf_apply
+from iwmf_bench.errors import BenchError
+
+
+def reference_iwmf(x, centres, s):
+    """The definition, window by window, one image at a time (float64 accumulation)."""
+    out = x.clone().double()
+    if centres.dim() == 2:
+        centres = centres.unsqueeze(0).expand(x.shape[0], -1, -1)
+    for b in range(x.shape[0]):
+        for r, c in centres[b].tolist():
+            r0, c0 = r - s // 2, c - s // 2
+            window = out[b, :, r0:r0 + s, c0:c0 + s]
+            window[:] = window.mean(dim=(1, 2), keepdim=True)
+    return out.to(x.dtype)
+
+
+CASES = [(2, 17, 23), (3, 16, 16), (3, 31, 20), (5, 22, 29), (5, 12, 12)]
+
+
+@pytest.mark.parametrize("s,h,w", CASES)
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("path", ["inference", "autograd"])
+def test_matches_sequential_definition(s, h, w, shared, path):
+    g = torch.Generator().manual_seed(1000 * s + h + w)
+    x = torch.rand(3, 3, h, w, generator=g)
+    centres = draw_centres(3, h, w, int(0.6 * h * w), s, g, shared=shared)
+    if path == "autograd":
+        x.requires_grad_(True)
+    got = iwmf_apply(x, centres, s)
+    want = reference_iwmf(x.detach(), centres, s)
+    assert got.shape == x.shape
+    assert (got - want).abs().max().item() <= 1e-6
+
+
+def test_heavily_overlapping_windows_and_order_matters():
+    # Windows piled on the same few positions: every one depends on the previous.
+    x = torch.rand(2, 3, 9, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    seq = torch.tensor([[4, 4], [5, 4], [4, 5], [3, 3], [4, 4], [5, 5], [3, 5], [4, 3]])
+    levels = dependency_levels(seq, 9, 9, 3)
+    assert levels.tolist() == [[0, 1, 2, 3, 4, 5, 6, 7]]  # a chain: all overlap their predecessor
+    for path in ("inference", "autograd"):
+        xi = x.clone().requires_grad_(path == "autograd")
+        assert torch.allclose(iwmf_apply(xi, seq, 3), reference_iwmf(x, seq, 3), atol=1e-12, rtol=0)
+    # Reversing the order changes the result: the filter is sequential, not a set.
+    assert not torch.allclose(iwmf_apply(x, seq.flip(0), 3), iwmf_apply(x, seq, 3))
+
+
+def test_disjoint_windows_share_one_level():
+    seq = torch.tensor([[1, 1], [1, 4], [4, 1], [4, 4], [2, 2]])
+    assert dependency_levels(seq, 6, 6, 3).tolist() == [[0, 0, 0, 0, 1]]
+
+
+def test_window_mean_is_written_per_channel():
+    x = torch.zeros(1, 3, 3, 3, dtype=torch.float64)
+    x[0, 0, 0, 0], x[0, 1, 2, 2], x[0, 2] = 9.0, 18.0, 0.5
+    out = iwmf_apply(x, torch.tensor([[1, 1]]), 3)
+    assert torch.equal(out[0, 0], torch.full((3, 3), 1.0, dtype=torch.float64))
+    assert torch.equal(out[0, 1], torch.full((3, 3), 2.0, dtype=torch.float64))
+    assert torch.equal(out[0, 2], torch.full((3, 3), 0.5, dtype=torch.float64))
+
+
+def test_gradcheck_exact_gradients():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 8, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    centres = draw_centres(2, 8, 7, 40, 3, g)
+    assert torch.autograd.gradcheck(lambda t: iwmf_apply(t, centres, 3), (x,), eps=1e-6, atol=1e-8)
+
+
+def test_autograd_gradient_equals_linear_operator():
+    # For fixed windows IWMF is linear: out = A x. Its gradient w.r.t. x of <v, out> is A^T v.
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(1, 1, 6, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    centres = draw_centres(1, 6, 6, 20, 3, g)
+    v = torch.randn(1, 1, 6, 6, dtype=torch.float64, generator=g)
+    (iwmf_apply(x, centres, 3) * v).sum().backward()
+    basis = torch.eye(36, dtype=torch.float64).view(36, 1, 6, 6)
+    A = torch.stack([iwmf_apply(e.unsqueeze(0), centres, 3).flatten() for e in basis], dim=1)
+    assert torch.allclose(x.grad.flatten(), A.T @ v.flatten(), atol=1e-12)
+
+
+def test_window_count_and_centre_range():
+    g = torch.Generator().manual_seed(5)
+    c = draw_centres(4, 20, 30, int(0.25 * 20 * 30), 3, g)
+    assert c.shape == (4, 150, 2)
+    c = draw_centres(1, 20, 30, 200_000, 3, g)[0]
+    assert c[:, 0].min() == 1 and c[:, 0].max() == 18 and c[:, 1].min() == 1 and c[:, 1].max() == 28
+    # Uniform over the 18 x 28 valid positions: chi-square with 503 dof, fixed seed.
+    counts = torch.bincount((c[:, 0] - 1) * 28 + (c[:, 1] - 1), minlength=18 * 28).double()
+    expected = 200_000 / (18 * 28)
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert 503 - 5 * (2 * 503) ** 0.5 < chi2 < 503 + 5 * (2 * 503) ** 0.5
+    # Even window sizes: top-left = centre - s//2 stays inside.
+    c2 = draw_centres(1, 5, 5, 5000, 2, g)[0]
+    assert c2.min() == 1 and c2.max() == 4
+
+
+def test_seeded_and_independent_of_global_rng():
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    state = torch.random.get_rng_state()
+    a = iwmf(x, 0.25, generator=torch.Generator().manual_seed(7))
+    b = iwmf(x, 0.25, generator=torch.Generator().manual_seed(7))
+    c = iwmf(x, 0.25, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_per_image_sequences_do_not_depend_on_batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 24, 24, generator=g)
+    whole = iwmf(x, 0.3, generator=torch.Generator().manual_seed(1))
+    alone = iwmf(x[:1], 0.3, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    chunked = torch.cat([iwmf(x[:3], 0.3, generator=gen), iwmf(x[3:], 0.3, generator=gen)])
+    assert torch.equal(whole[:1], alone)
+    assert torch.equal(whole, chunked)
+    # Identical inputs get different windows by default, the same windows when shared.
+    same = x[:1].expand(2, -1, -1, -1)
+    assert not torch.equal(*iwmf(same, 0.3, generator=torch.Generator().manual_seed(2)))
+    assert torch.equal(*iwmf(same, 0.3, generator=torch.Generator().manual_seed(2), shared=True))
+
+
+def test_defense_grad_modes():
+    defense = get_defense("iwmf", lambda_0=0.25)
+    assert isinstance(defense, IWMF) and defense.stochastic
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    out = defense.purify(x, torch.Generator().manual_seed(0), grad_mode="bpda")
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # straight-through
+    x.grad = None
+    exact = defense.purify(x, torch.Generator().manual_seed(0), grad_mode="exact")
+    # Same windows for the same seed (the two paths round the means differently).
+    assert (exact.detach() - out.detach()).abs().max() <= 1e-6
+    # A window keeps the sum of its pixels, so d(sum out)/dx would be 1 here too: weight it.
+    w = torch.linspace(0, 1, 16).view(1, 1, 1, 16)
+    (exact * w).sum().backward()
+    assert not torch.allclose(x.grad, w.expand_as(x))
+    none = defense.purify(x, torch.Generator().manual_seed(0))
+    assert not none.requires_grad
+
+
+def test_lambda_zero_is_identity_and_bad_input_is_refused():
+    x = torch.rand(1, 3, 10, 10)
+    assert torch.equal(IWMF(lambda_0=0.0).purify(x, torch.Generator().manual_seed(0)), x)
+    with pytest.raises(BenchError, match="NaN"):
+        IWMF().purify(torch.full((1, 3, 8, 8), float("nan")))
+    with pytest.raises(BenchError, match=r"\[0,1\]"):
+        IWMF().purify(torch.full((1, 3, 8, 8), 255.0))
+    with pytest.raises(BenchError, match="4-D"):
+        IWMF().purify(torch.rand(3, 8, 8))
+    with pytest.raises(BenchError, match="inside"):
+        iwmf_apply(torch.rand(1, 3, 8, 8), torch.tensor([[0, 4]]), 3)
+    with pytest.raises(BenchError, match="lambda_0"):
+        IWMF(lambda_0=-1)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 40, 40, generator=g)
+    centres = draw_centres(4, 40, 40, 400, 3, g)
+    got = iwmf_apply(x.cuda(), centres, 3).cpu()
+    assert (got - reference_iwmf(x, centres, 3)).abs().max().item() <= 1e-6
