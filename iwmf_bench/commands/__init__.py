@@ -7,4 +7,10 @@ arguments and returning an exit code. :data:`MODULES` is the order shown in ``--
 MODULES = [
     "list_cmd",
     "purify",
+    "attack",
+    "fetch",
+    "align",
+    "eval_cmd",
+    "run",
+    "leaderboard",
 ]

@@ -1,0 +1,59 @@
+"""``iwmf-bench leaderboard render|check``."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+
+from ..errors import BenchError
+from ..suite import load_suite
+from .run import add_suite_options, locate_config
+
+
+def register(sub):
+    p = sub.add_parser("leaderboard", help="render leaderboards from results, or check committed numbers")
+    s = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    r = s.add_parser("render", help="render leaderboards/<suite> from the result cache (runs missing cells)")
+    add_suite_options(r)
+    r.add_argument("--leaderboards", default=None)
+    r.add_argument("--imgs", default="imgs")
+    r.set_defaults(func=render)
+    c = s.add_parser("check", help="re-run a suite and compare with its committed leaderboard")
+    add_suite_options(c)
+    c.set_defaults(results=None)
+    c.add_argument("--leaderboards", default=None, help="committed leaderboard folder (default leaderboards/<suite>)")
+    c.add_argument("--atol", type=float, default=None, help="tolerance on rates (default: the suite's check.atol)")
+    c.set_defaults(func=check)
+
+
+def render(args) -> int:
+    from ..harness import run_cells
+    from ..publish import publish
+
+    suite = load_suite(locate_config(args.config))
+    records = run_cells(suite.cells(), args.results, args.executor, args.ray_address, progress=not args.no_progress)
+    for path in publish(suite, records, args.leaderboards or f"leaderboards/{suite.name}", args.imgs, args.results):
+        print(f"wrote {path}")
+    return 0
+
+
+def check(args) -> int:
+    from ..harness import run_cells
+    from ..leaderboard import check as compare
+
+    suite = load_suite(locate_config(args.config))
+    atol = args.atol if args.atol is not None else float(suite.check.get("atol", 0.0))
+    committed = args.leaderboards or f"leaderboards/{suite.name}"
+    # A fresh cache unless told otherwise: the point is to recompute the numbers.
+    with tempfile.TemporaryDirectory(prefix="iwmf-bench-check-") as fresh:
+        records = run_cells(suite.cells(), args.results or fresh, args.executor, args.ray_address,
+                            progress=not args.no_progress)
+    errors = [r for r in records if r["status"] == "error"]
+    problems = compare(records, committed, atol) + [f"{r['name']}: error: {r.get('reason', '')}" for r in errors]
+    if problems:
+        for p in problems:
+            print(f"leaderboard check: {p}", file=sys.stderr)
+        raise BenchError(f"leaderboard check failed for {suite.name}: {len(problems)} problem(s), first: {problems[0]}")
+    ok = sum(r["status"] == "ok" for r in records)
+    print(f"leaderboard check passed: {ok} cells of {suite.name} within {atol} of {committed}")
+    return 0

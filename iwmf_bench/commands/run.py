@@ -1,0 +1,73 @@
+"""``iwmf-bench run``: compute a suite (every model x defense x threat model)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import BenchError
+from ..suite import load_suite, parse_shard
+
+DEFAULT_CONFIG = "configs/default.yaml"
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def add_suite_options(p, executor=True):
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"suite YAML (default {DEFAULT_CONFIG})")
+    p.add_argument("--results", default="results", help="result cache folder (default ./results)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if executor:
+        p.add_argument("--executor", choices=("local", "ray"), default="local",
+                       help="local: this process; ray: one Ray task per cell (pip install 'iwmf-bench[ray]')")
+        p.add_argument("--ray-address", default=None, help="join an existing Ray cluster (default: start one)")
+
+
+def register(sub):
+    p = sub.add_parser("run", help="run a benchmark suite (default: configs/default.yaml)")
+    p.add_argument("--all", action="store_true", help="every cell of the suite")
+    p.add_argument("--models", help="comma-separated model labels to keep")
+    p.add_argument("--defenses", help="comma-separated defense labels to keep")
+    p.add_argument("--attacks", help="comma-separated threat-model labels to keep")
+    p.add_argument("--shard", help="i/n: run a deterministic share of the cells (e.g. 1/4)")
+    p.add_argument("--leaderboards", default=None, help="where to write leaderboards (default leaderboards/<suite>)")
+    p.add_argument("--imgs", default="imgs", help="where to write the plot and example grid")
+    add_suite_options(p)
+    p.set_defaults(func=run)
+
+
+def locate_config(path: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise BenchError(f"config {p} not found (run from the repository root, or pass --config FILE)")
+    return p
+
+
+def run(args) -> int:
+    from ..harness import run_cells
+    from ..publish import publish
+
+    suite = load_suite(locate_config(args.config))
+    filters = (_names(args.models), _names(args.defenses), _names(args.attacks))
+    if not args.all and not any(filters):
+        raise BenchError("say which cells to run: --all, or filters --models/--defenses/--attacks")
+    shard = parse_shard(args.shard)
+    cells = suite.cells(*filters, shard=shard)
+    if not cells:
+        raise BenchError("no cells selected")
+    records = run_cells(cells, args.results, args.executor, args.ray_address, progress=not args.no_progress)
+    summary = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "error")}
+    print(f"{len(records)} cells: {summary['ok']} ok, {summary['skipped']} skipped, {summary['error']} errors "
+          f"(results in {Path(args.results) / suite.name})")
+    if shard is None and not any(filters):
+        out = args.leaderboards or f"leaderboards/{suite.name}"
+        for path in publish(suite, records, out, args.imgs, args.results):
+            print(f"wrote {path}")
+    else:
+        print("partial run: leaderboards not rendered (run `iwmf-bench leaderboard render` once all cells are done)")
+    for r in records:
+        if r["status"] == "error":
+            print(f"error: {r['name']}: {r.get('reason', '')}", file=sys.stderr)
+    return 1 if summary["error"] else 0

@@ -1,0 +1,370 @@
+"""Compute benchmark cells: the cross product, a result cache that survives crashes,
+and two executors (in-process and Ray).
+
+Every cell's result is one JSON file ``<results>/<suite>/<key>.json`` written atomically
+(temporary file + rename), so a run killed at any moment loses at most the cell in
+flight, and a re-run reuses every finished cell. Local, sharded (``--shard i/n``) and Ray
+runs share this cache and resume each other. Cells that cannot run here (weights
+missing offline) come back as ``skipped`` records with the reason and the fix; they are
+not cached, so they run once the weights are there.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from . import __version__, registry
+from .errors import BenchError, WeightsError
+from .suite import Cell
+
+# -- result cache ----------------------------------------------------------------------
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class ResultStore:
+    """One JSON file per finished cell, keyed by the cell's hash."""
+
+    def __init__(self, root: str | Path, suite: str):
+        self.dir = Path(root) / suite
+
+    def path(self, cell: Cell) -> Path:
+        return self.dir / f"{cell.key}.json"
+
+    def load(self, cell: Cell) -> dict | None:
+        path = self.path(cell)
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError:  # cannot happen with atomic writes; recompute if it does
+            return None
+        return record if record.get("status") == "ok" else None
+
+    def save(self, record: dict) -> None:
+        if record["status"] == "ok":
+            write_json_atomic(self.dir / f"{record['key']}.json", record)
+
+
+# -- environment -------------------------------------------------------------------------
+
+
+def environment(device: str) -> dict[str, Any]:
+    import numpy
+
+    env = {"iwmf_bench": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+           "python": platform.python_version(), "platform": platform.platform(), "device": device,
+           "torch_threads": torch.get_num_threads()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+# -- data --------------------------------------------------------------------------------
+
+
+def _pair_indices(n: int, pairs: int | None) -> list[int]:
+    if not pairs or pairs >= n:
+        return list(range(n))
+    # Evenly spaced, so a small suite still covers every identity.
+    return sorted({round(i * (n - 1) / (pairs - 1)) for i in range(pairs)}) if pairs > 1 else [0]
+
+
+@functools.lru_cache(maxsize=8)
+def prepare_data(sources: str, targets: str, align: bool, pairs: int | None, model_name: str,
+                 input_size: int) -> dict[str, Any]:
+    """Sources and targets for one model: aligned to its template (or resized), paired by id."""
+    from .data import load_folder
+
+    src = load_folder(sources, size=None if align else input_size)
+    tgt = load_folder(targets, size=None if align else input_size)
+    if src.ids != tgt.ids:
+        raise BenchError(f"{sources} and {targets} must hold the same ids (source i impersonates target i); "
+                         f"only in one: {sorted(set(src.ids) ^ set(tgt.ids))[:5]}")
+    if align:
+        from .align import align_images
+
+        for name, data in (("sources", src), ("targets", tgt)):
+            aligned, ok = align_images(data.images, model_name)
+            if not bool(ok.all()):
+                bad = [data.names[i] for i in range(len(ok)) if not ok[i]]
+                raise BenchError(f"no face found in {', '.join(bad)} ({data.root}); remove them or set "
+                                 "data.align: false")
+            data.images = aligned
+    keep = _pair_indices(len(src), pairs)
+    take = lambda d: (d.images[keep], [d.labels[i] for i in keep], [d.names[i] for i in keep])  # noqa: E731
+    s_img, s_lab, s_names = take(src)
+    t_img, t_lab, t_names = take(tgt)
+    return {"sources": s_img, "source_labels": s_lab, "source_names": s_names,
+            "targets": t_img, "target_labels": t_lab, "target_names": t_names}
+
+
+def _data_for(cell: Cell, model) -> dict[str, Any]:
+    d = cell.data
+    return prepare_data(str(Path(d["sources"]).resolve()), str(Path(d["targets"]).resolve()),
+                        bool(d.get("align", True)), d.get("pairs"), cell.model, model.input_size)
+
+
+# -- building blocks -------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _model(name: str, options_json: str, device: str):
+    return registry.create("models", name, **json.loads(options_json)).to(device).eval()
+
+
+def build_model(cell: Cell):
+    return _model(cell.model, json.dumps(cell.model_options, sort_keys=True), cell.device)
+
+
+def build_defense(cell: Cell):
+    opts = dict(cell.defense_options)
+    name = opts.pop("defense")
+    return registry.create("defenses", name, **opts).to(cell.device).eval()
+
+
+def build_attack(cell: Cell):
+    opts = dict(cell.threat_options)
+    name, _ = opts.pop("attack"), opts.pop("setting", None)
+    return registry.create("attacks", name, **opts)
+
+
+@torch.no_grad()
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+
+
+def _cross_identity_frr(emb: torch.Tensor, ref: torch.Tensor, labels: list[int], threshold: float,
+                        metric: str):
+    """FRR over same-identity pairs (i, j), i != j: image i (processed) vs clean image j."""
+    from . import metrics
+
+    lab = torch.tensor(labels)
+    genuine = (lab.view(-1, 1) == lab.view(1, -1)) & ~torch.eye(len(labels), dtype=torch.bool)
+    acc = metrics.accepts(metrics.pair_scores(emb, ref, metric).cpu(), threshold, metric)
+    return metrics.Rate(int((~acc & genuine).sum()), int(genuine.sum()))
+
+
+def transfer_adversarial(cell: Cell, model, data: dict, results_root: Path | None) -> tuple[torch.Tensor, dict]:
+    """Adversarial images crafted on the undefended model: shared by every defense, so
+    computed once per (model, threat model) and cached on disk next to the results."""
+    from .attacks.base import AttackTask
+
+    ident = Cell(cell.suite, cell.model, cell.model_options, "-", {}, cell.threat, cell.threat_options,
+                 cell.data, {}, cell.seed, cell.device).key
+    path = (Path(results_root) / cell.suite / "adversarial" / f"{ident}.pt") if results_root else None
+    if path is not None and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved["adversarial"].to(cell.device), saved["info"]
+    attack = build_attack(cell)
+    start = time.perf_counter()
+    refs = _batched(model.embed, data["targets"].to(cell.device), 32)
+    result = attack.run(AttackTask(model, data["sources"].to(cell.device), refs, None, cell.seed))
+    info = {"attack_seconds_per_image": (time.perf_counter() - start) / data["sources"].shape[0],
+            "flags": {k: bool(v) for k, v in result.flags.items()},
+            "attack_success": result.success_rate.to_dict()}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"adversarial": result.adversarial.cpu(), "info": info}, tmp)
+        os.replace(tmp, path)
+    return result.adversarial, info
+
+
+def compute_cell(cell: Cell, results_root: Path | None = None, stage: Callable[[str], None] = lambda s: None) -> dict:
+    """The numbers of one cell (raises on failure; see :func:`run_cell`)."""
+    from .attacks.adaptive import evaluate
+    from .attacks.base import AttackTask
+    from .data import quantize
+
+    stage("load model")
+    model = build_model(cell)
+    defense = build_defense(cell)
+    data = _data_for(cell, model)
+    dev = cell.device
+    sources, targets = data["sources"].to(dev), data["targets"].to(dev)
+    n = sources.shape[0]
+    batch = int(cell.evaluation.get("batch_size", 32))
+    from .attacks.base import make_generator
+
+    stage("genuine")
+    refs = _batched(model.embed, targets, batch)
+    source_refs = _batched(model.embed, sources, batch)
+    gen = make_generator(cell.seed, "harness", "genuine")
+    start = time.perf_counter()
+    purified = _batched(lambda x: defense.purify(x, gen), targets, batch)
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds_per_image = (time.perf_counter() - start) / n
+    frr_genuine = _cross_identity_frr(_batched(model.embed, purified, batch), refs, data["target_labels"],
+                                      model.threshold, model.metric)
+
+    stage("attack")
+    info: dict[str, Any] = {}
+    if cell.setting is None:
+        adv = sources
+    elif cell.setting == "transfer":
+        adv, info = transfer_adversarial(cell, model, data, results_root)
+    else:
+        attack = build_attack(cell)
+        start = time.perf_counter()
+        result = attack.run(AttackTask(model, sources, refs, defense, cell.seed))
+        adv = result.adversarial
+        info = {"attack_seconds_per_image": (time.perf_counter() - start) / n,
+                "flags": {k: bool(v) for k, v in result.flags.items()},
+                "attack_success": result.success_rate.to_dict()}
+
+    stage("evaluate")
+    draws = int(cell.evaluation.get("draws", 10))
+    ev = evaluate(model, defense, adv, refs, cell.seed, n_draws=draws)
+    gen = make_generator(cell.seed, "harness", "adversarial-identity")
+    purified_adv = _batched(lambda x: defense.purify(x, gen), quantize(adv), batch)
+    frr_adv_true = _cross_identity_frr(_batched(model.embed, purified_adv, batch), source_refs,
+                                       data["source_labels"], model.threshold, model.metric)
+    return {
+        "far": ev.single_shot.to_dict(),
+        "far_worst_of_n": ev.worst_of_n.to_dict(),
+        "draws": ev.n_draws,
+        "frr_genuine": frr_genuine.to_dict(),
+        "frr_adv_true_identity": frr_adv_true.to_dict(),
+        "seconds_per_image": seconds_per_image,
+        "threshold": model.threshold,
+        "metric": model.metric,
+        "pairs": n,
+        **info,
+    }
+
+
+def run_cell(cell: Cell | dict, results_root: str | Path | None, stage: Callable[[str], None] = lambda s: None) -> dict:
+    """Compute one cell and cache it; never raises for a cell that fails.
+
+    Returns a record with ``status`` ``ok``, ``skipped`` (weights missing: the reason
+    says how to fix it) or ``error`` (message and traceback).
+    """
+    if isinstance(cell, dict):
+        cell = Cell(**cell)
+    store = ResultStore(results_root, cell.suite) if results_root else None
+    if store is not None and (cached := store.load(cell)) is not None:
+        return cached
+    record: dict[str, Any] = {"key": cell.key, "cell": cell.to_dict(), "name": cell.name,
+                              "env": environment(cell.device), "seed": cell.seed,
+                              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    start = time.perf_counter()
+    try:
+        record["metrics"] = compute_cell(cell, Path(results_root) if results_root else None, stage)
+        record["status"] = "ok"
+    except WeightsError as exc:
+        record.update(status="skipped", reason=str(exc))
+    except BenchError as exc:
+        record.update(status="error", reason=str(exc))
+    except Exception as exc:  # a bug in one cell must not take the suite down
+        record.update(status="error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    if store is not None:
+        store.save(record)
+    return record
+
+
+# -- executors ---------------------------------------------------------------------------
+
+
+def run_cells(cells: list[Cell], results_root: str | Path, executor: str = "local",
+              ray_address: str | None = None, progress: bool = True) -> list[dict]:
+    """Run ``cells`` (reusing cached ones) and return their records in order."""
+    results_root = Path(results_root)
+    records: dict[str, dict] = {}
+    todo = []
+    for cell in cells:
+        cached = ResultStore(results_root, cell.suite).load(cell)
+        if cached is not None:
+            records[cell.key] = cached
+        else:
+            todo.append(cell)
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="suite", unit="cell",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar.set_postfix_str(f"{len(cells) - len(todo)} cached")
+    if executor == "local":
+        for cell in todo:
+            bar.set_description(f"suite [{cell.name}]")
+            stage_bar = tqdm(total=4, desc=f"  {cell.name}", leave=False, disable=not progress,
+                             file=sys.stderr, dynamic_ncols=True)
+
+            def stage(name, _bar=stage_bar):
+                if _bar.n or name != "load model":
+                    _bar.update(1)
+                _bar.set_postfix_str(name)
+
+            records[cell.key] = run_cell(cell, results_root, stage)
+            stage_bar.close()
+            _report(records[cell.key], bar)
+            bar.update(1)
+    elif executor == "ray":
+        for record in _run_ray(todo, results_root, ray_address):
+            records[record["key"]] = record
+            _report(record, bar)
+            bar.update(1)
+    else:
+        raise BenchError(f"unknown executor {executor!r}; use 'local' or 'ray'")
+    bar.close()
+    return [records[c.key] for c in cells]
+
+
+def _report(record: dict, bar) -> None:
+    if record["status"] != "ok":
+        first = record.get("reason", "").splitlines()[0] if record.get("reason") else ""
+        bar.write(f"{record['status']}: {record['name']}: {first}", file=sys.stderr)
+
+
+def _run_ray(cells: list[Cell], results_root: Path, address: str | None):
+    try:
+        import ray
+    except ImportError:
+        raise BenchError("--executor ray needs Ray: pip install 'iwmf-bench[ray]'") from None
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=int(os.environ.get("IWMF_BENCH_RAY_CPUS", os.cpu_count() or 1)),
+                     include_dashboard=False, log_to_driver=False)
+    task = ray.remote(_ray_cell)
+    pending = {}
+    for cell in cells:
+        gpus = 1 if cell.device.startswith("cuda") else 0
+        ref = task.options(num_cpus=1, num_gpus=gpus).remote(cell.to_dict(), str(results_root))
+        pending[ref] = cell
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            pending.pop(ref)
+            yield ray.get(ref)
+
+
+def _ray_cell(cell: dict, results_root: str) -> dict:
+    # Same code path and cache as the local executor; runs on a Ray worker.
+    return run_cell(cell, results_root)

@@ -1,0 +1,122 @@
+"""Leaderboards rendered from cell records, and the regression check CI runs.
+
+Per model: rows are defenses; columns are the FRR on genuine images after purification,
+the FAR under each threat model (single-shot, with 95% Wilson intervals), and seconds
+per image of purification. Written as Markdown (tabulate), CSV and JSON; each cell's
+record is also kept as one JSON file (``cells/``), which is what the check compares.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from .harness import write_json_atomic
+from .suite import Suite
+
+CHECKED = ("far", "far_worst_of_n", "frr_genuine", "frr_adv_true_identity")
+
+
+def _pct(rate: dict) -> str:
+    lo, hi = rate["ci95"]
+    return f"{100 * rate['value']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def cell_file(record: dict) -> str:
+    c = record["cell"]
+    return f"{c['model']}__{c['defense']}__{c['threat']}.json"
+
+
+def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per model: headers, rows (display strings), raw rows (numbers) and skip notes."""
+    by = {(r["cell"]["model"], r["cell"]["defense"], r["cell"]["threat"]): r for r in records}
+    models = list(dict.fromkeys(r["cell"]["model"] for r in records))
+    threats = [t for t in suite.threat_models if any(k[2] == t for k in by)]
+    defenses = [d for d in suite.defenses if any(k[1] == d for k in by)]
+    out = {}
+    for m in models:
+        headers = ["defense", "FRR genuine %"] + [f"FAR {t} %" for t in threats] + ["s/img"]
+        rows, raw, notes = [], [], []
+        for d in defenses:
+            cells = [by.get((m, d, t)) for t in threats]
+            ok = [c for c in cells if c and c["status"] == "ok"]
+            first = ok[0]["metrics"] if ok else None
+            row = [d, _pct(first["frr_genuine"]) if first else "skipped"]
+            raw_row = {"defense": d, "frr_genuine": first["frr_genuine"] if first else None,
+                       "far": {}, "seconds_per_image": first["seconds_per_image"] if first else None}
+            for t, c in zip(threats, cells):
+                if c is None:
+                    row.append("")
+                elif c["status"] == "ok":
+                    row.append(_pct(c["metrics"]["far"]))
+                    raw_row["far"][t] = c["metrics"]["far"]
+                else:
+                    row.append(c["status"])
+                    note = f"{c['status']}: {m}/{d}/{t}: {c.get('reason', '')}"
+                    if c["status"] == "skipped":
+                        note = f"skipped: {m}/{d}: {c.get('reason', '')}"
+                    if note not in notes:
+                        notes.append(note)
+            row.append(f"{first['seconds_per_image']:.4f}" if first else "")
+            rows.append(row)
+            raw.append(raw_row)
+        out[m] = {"headers": headers, "rows": rows, "raw": raw, "notes": notes}
+    return out
+
+
+def render(suite: Suite, records: list[dict], out_dir: str | Path) -> list[Path]:
+    """Write ``<model>.md|csv|json`` and ``cells/*.json`` under ``out_dir``; return the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    cells_dir = out_dir / "cells"
+    for record in records:
+        if record["status"] == "ok":
+            keep = {k: record[k] for k in ("key", "name", "cell", "metrics", "env", "seed", "status")}
+            write_json_atomic(cells_dir / cell_file(record), keep)
+    for model, t in tables(suite, records).items():
+        md = [f"## {model} ({suite.name} suite)", "",
+              "FAR: adversarial source i accepted as target i (single-shot, fresh randomness), %, "
+              "[95% Wilson interval]. FRR genuine: purified genuine images rejected against other "
+              "images of the same identity. s/img: purification seconds per image.", "",
+              tabulate(t["rows"], headers=t["headers"], tablefmt="github"), ""]
+        md += [f"- {n}" for n in t["notes"]]
+        paths = {ext: out_dir / f"{model}.{ext}" for ext in ("md", "csv", "json")}
+        paths["md"].write_text("\n".join(md) + "\n")
+        buf = io.StringIO()
+        csv.writer(buf).writerows([t["headers"], *t["rows"]])
+        paths["csv"].write_text(buf.getvalue())
+        write_json_atomic(paths["json"], {"suite": suite.name, "model": model, "rows": t["raw"],
+                                          "notes": t["notes"]})
+        written += list(paths.values())
+    return written
+
+
+def check(records: list[dict], committed_dir: str | Path, atol: float) -> list[str]:
+    """Compare fresh records with the committed cell files; return the problems found."""
+    committed_dir = Path(committed_dir) / "cells"
+    problems = []
+    fresh_ok = {cell_file(r): r for r in records if r["status"] == "ok"}
+    committed = {p.name: json.loads(p.read_text()) for p in sorted(committed_dir.glob("*.json"))}
+    if not committed:
+        return [f"no committed cells in {committed_dir}; render the leaderboard first"]
+    for name, old in committed.items():
+        new = fresh_ok.get(name)
+        if new is None:
+            status = next((r["status"] for r in records if cell_file(r) == name), "not run")
+            problems.append(f"{old['name']}: committed but now {status}")
+            continue
+        for metric in CHECKED:
+            a, b = old["metrics"][metric]["value"], new["metrics"][metric]["value"]
+            if abs(a - b) > atol:
+                problems.append(f"{old['name']}: {metric} moved from {a:.4f} (committed) to {b:.4f} "
+                                f"(now), beyond tolerance {atol}")
+    for name, new in fresh_ok.items():
+        if name not in committed:
+            problems.append(f"{new['name']}: ran but has no committed entry (re-render the leaderboard)")
+    return problems

@@ -1,0 +1,47 @@
+"""Write everything a finished suite publishes: leaderboards, the FAR plot, example images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .figures import example_grid, far_plot
+from .leaderboard import render
+from .suite import Suite
+
+
+def publish(suite: Suite, records: list[dict], leaderboards: str | Path, imgs: str | Path,
+            results_root: str | Path) -> list[Path]:
+    paths = render(suite, records, leaderboards)
+    plot = far_plot(suite, records, Path(imgs) / f"{suite.name}_far.png")
+    if plot:
+        paths.append(plot)
+    grid = _examples(suite, records, Path(imgs) / f"{suite.name}_examples.png", results_root)
+    if grid:
+        paths.append(grid)
+    return paths
+
+
+def _examples(suite: Suite, records: list[dict], path: Path, results_root) -> Path | None:
+    """Source, adversarial (first transfer threat), and purified by each finished defense."""
+    from .attacks.base import make_generator
+    from .harness import _data_for, build_defense, build_model, transfer_adversarial
+    from .suite import Cell
+
+    ok = [r for r in records if r["status"] == "ok" and r["cell"]["threat_options"].get("setting") == "transfer"]
+    if not ok:
+        return None
+    first = Cell(**ok[0]["cell"])
+    model = build_model(first)
+    data = _data_for(first, model)
+    adv, _ = transfer_adversarial(first, model, data, Path(results_root))
+    columns = {"source": data["sources"], f"adversarial ({first.threat})": adv.cpu(), "target": data["targets"]}
+    for r in ok:
+        cell = Cell(**r["cell"])
+        if cell.model != first.model or cell.threat != first.threat or cell.defense == "none":
+            continue
+        gen = make_generator(cell.seed, "examples")
+        with torch.no_grad():
+            columns[f"{cell.defense}(adv)"] = build_defense(cell).purify(adv[:4], gen).cpu()
+    return example_grid(columns, path)

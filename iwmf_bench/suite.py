@@ -1,0 +1,159 @@
+"""Suite configs (YAML) and the cells they expand to.
+
+A suite names models, defenses and threat models (each a label -> options mapping)
+plus the data and evaluation settings. A *cell* is one (model, defense, threat model)
+with everything it needs to be computed on its own: results are keyed by a hash of
+the cell's full config and the package version, so a cell computed locally, on another
+shard or on a Ray worker is the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .errors import BenchError
+
+SETTINGS = ("transfer", "adaptive")
+
+
+@dataclass(frozen=True)
+class Cell:
+    suite: str
+    model: str
+    model_options: dict
+    defense: str  # label in the suite
+    defense_options: dict  # includes "defense": registered name
+    threat: str  # label in the suite
+    threat_options: dict  # includes "attack": registered name or None
+    data: dict
+    evaluation: dict
+    seed: int
+    device: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.defense}/{self.threat}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def key(self) -> str:
+        """Hash of everything that determines the cell's numbers, and the package version."""
+        payload = {k: v for k, v in self.to_dict().items() if k != "suite"}
+        blob = json.dumps({"cell": payload, "version": __version__}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    @property
+    def setting(self) -> str | None:
+        return self.threat_options.get("setting") if self.threat_options.get("attack") else None
+
+
+@dataclass
+class Suite:
+    name: str
+    path: Path
+    seed: int
+    device: str
+    data: dict
+    models: dict[str, dict]
+    defenses: dict[str, dict]
+    threat_models: dict[str, dict]
+    evaluation: dict = field(default_factory=dict)
+    check: dict = field(default_factory=dict)
+
+    def cells(self, models: list[str] | None = None, defenses: list[str] | None = None,
+              attacks: list[str] | None = None, shard: tuple[int, int] | None = None) -> list[Cell]:
+        """The cross product, filtered; ``shard=(i, n)`` keeps every n-th cell (1-based i)."""
+        for what, chosen, known in (("model", models, self.models), ("defense", defenses, self.defenses),
+                                    ("threat model", attacks, self.threat_models)):
+            unknown = sorted(set(chosen or []) - set(known))
+            if unknown:
+                raise BenchError(f"{self.path}: no {what} named {', '.join(unknown)} in the suite "
+                                 f"(has: {', '.join(known)})")
+        device = self.device
+        if device == "auto":
+            import torch
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        out = []
+        for m, m_opts in self.models.items():
+            for d, d_opts in self.defenses.items():
+                for t, t_opts in self.threat_models.items():
+                    if (models and m not in models) or (defenses and d not in defenses) \
+                            or (attacks and t not in attacks):
+                        continue
+                    out.append(Cell(self.name, m, dict(m_opts), d, dict(d_opts), t, dict(t_opts),
+                                    dict(self.data), dict(self.evaluation), self.seed, device))
+        if shard:
+            i, n = shard
+            out = [c for j, c in enumerate(out) if j % n == i - 1]
+        return out
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        i, n = (int(p) for p in text.split("/"))
+    except ValueError:
+        raise BenchError(f"--shard must look like i/n (e.g. 2/4), got {text!r}") from None
+    if not 1 <= i <= n:
+        raise BenchError(f"--shard {text}: need 1 <= i <= n")
+    return i, n
+
+
+def _mapping(raw: Any, what: str, path: Path) -> dict[str, dict]:
+    if raw is None:
+        return {}
+    if isinstance(raw, list):  # a bare list of names: default options
+        raw = {name: {} for name in raw}
+    if not isinstance(raw, dict):
+        raise BenchError(f"{path}: '{what}' must be a mapping of label -> options")
+    out = {}
+    for label, opts in raw.items():
+        if opts is None:
+            opts = {}
+        if not isinstance(opts, dict):
+            raise BenchError(f"{path}: {what}.{label} must be a mapping of options, got {opts!r}")
+        out[str(label)] = opts
+    return out
+
+
+def load_suite(path: str | Path) -> Suite:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise BenchError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise BenchError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise BenchError(f"{path}: expected a mapping at the top level")
+    for key in ("models", "defenses", "threat_models", "data"):
+        if key not in raw:
+            raise BenchError(f"{path}: missing '{key}'")
+    defenses = _mapping(raw["defenses"], "defenses", path)
+    for label, opts in defenses.items():
+        opts.setdefault("defense", label)
+    threats = _mapping(raw["threat_models"], "threat_models", path)
+    for label, opts in threats.items():
+        if "attack" not in opts:
+            raise BenchError(f"{path}: threat_models.{label} needs 'attack' (a registered attack, or null "
+                             "for clean images)")
+        if opts["attack"] is not None and opts.setdefault("setting", "transfer") not in SETTINGS:
+            raise BenchError(f"{path}: threat_models.{label}.setting must be one of {SETTINGS}")
+    data = dict(raw["data"])
+    for key in ("sources", "targets"):
+        if key not in data:
+            raise BenchError(f"{path}: data.{key} is required")
+    return Suite(name=str(raw.get("name", path.stem)), path=path, seed=int(raw.get("seed", 0)),
+                 device=str(raw.get("device", "auto")), data=data,
+                 models=_mapping(raw["models"], "models", path), defenses=defenses, threat_models=threats,
+                 evaluation=dict(raw.get("evaluation") or {}), check=dict(raw.get("check") or {}))
