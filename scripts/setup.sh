@@ -13,4 +13,4 @@ TORCH_SPEC=${IWMF_BENCH_TORCH:-"torch==2.14.1 torchvision==0.29.1"}
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   .venv/bin/pip install --quiet $TORCH_SPEC
 fi
-.venv/bin/pip install --quiet -e ".[dev]"
+.venv/bin/pip install --quiet -e ".[dev,ray]"

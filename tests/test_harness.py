@@ -1,0 +1,213 @@
+"""The harness end to end on the shared images with the offline dlib model: cells,
+shards, the crash-proof cache, skipped cells, leaderboards and their regression check,
+third-party plugins, and the Ray executor."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from iwmf_bench.errors import BenchError
+from iwmf_bench.harness import run_cells
+from iwmf_bench.leaderboard import check, render
+from iwmf_bench.suite import load_suite, parse_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+EXE = str(Path(sys.executable).with_name("iwmf-bench"))
+TINY = """\
+name: tiny
+seed: 0
+device: cpu
+data: {{sources: "{src}", targets: "{tgt}", align: true, pairs: 4}}
+models: {{dlib-resnet: {{}}}}
+defenses:
+  none: {{defense: none}}
+  iwmf: {{defense: iwmf, lambda_0: 0.25}}
+  diffpure: {{defense: diffpure}}
+threat_models:
+  clean: {{attack: null}}
+  apgd: {{attack: apgd, setting: transfer, norm: Linf, eps: 0.03, steps: 3}}
+evaluation: {{draws: 3}}
+check: {{atol: 0.0}}
+"""
+
+
+TIMINGS = ("seconds_per_image", "attack_seconds_per_image")
+
+
+def numbers(records):
+    """Every metric of the finished cells except wall-clock timings."""
+    return {r["name"]: {k: v for k, v in r["metrics"].items() if k not in TIMINGS}
+            for r in records if r["status"] == "ok"}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(shared_imgs, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(TINY.format(src=shared_imgs / "source", tgt=shared_imgs / "target"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_config, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    suite = load_suite(tiny_config)
+    return suite, results, run_cells(suite.cells(), results, progress=False)
+
+
+def test_cells_filters_and_shards(tiny_config):
+    suite = load_suite(tiny_config)
+    cells = suite.cells()
+    assert [c.name for c in cells][:2] == ["dlib-resnet/none/clean", "dlib-resnet/none/apgd"]
+    assert len(cells) == 6 and len({c.key for c in cells}) == 6
+    shards = [suite.cells(shard=(i, 3)) for i in (1, 2, 3)]
+    assert sorted(c.key for s in shards for c in s) == sorted(c.key for c in cells)
+    assert suite.cells(shard=(2, 3)) == shards[1]  # deterministic
+    assert [c.name for c in suite.cells(defenses=["iwmf"], attacks=["clean"])] == ["dlib-resnet/iwmf/clean"]
+    with pytest.raises(BenchError, match="no defense named nope"):
+        suite.cells(defenses=["nope"])
+    with pytest.raises(BenchError, match="i/n"):
+        parse_shard("2")
+
+
+def test_run_skips_missing_weights_and_resumes_from_cache(tiny_run):
+    suite, results, records = tiny_run
+    status = {r["name"]: r["status"] for r in records}
+    assert status == {"dlib-resnet/none/clean": "ok", "dlib-resnet/none/apgd": "ok",
+                      "dlib-resnet/iwmf/clean": "ok", "dlib-resnet/iwmf/apgd": "ok",
+                      "dlib-resnet/diffpure/clean": "skipped", "dlib-resnet/diffpure/apgd": "skipped"}
+    skipped = next(r for r in records if r["status"] == "skipped")
+    assert "iwmf-bench fetch celeba-hq-ddpm" in skipped["reason"]
+    got = numbers(records)
+    # Undefended: clean impostors rejected, 3 APGD steps already impersonate most pairs.
+    assert got["dlib-resnet/none/clean"]["far"]["value"] == 0.0
+    assert got["dlib-resnet/none/apgd"]["far"]["value"] >= 0.5
+    assert got["dlib-resnet/iwmf/apgd"]["draws"] == 3 and got["dlib-resnet/none/apgd"]["draws"] == 1
+    rec = next(r for r in records if r["status"] == "ok")
+    assert {"torch", "numpy", "python", "device", "iwmf_bench"} <= set(rec["env"]) and rec["seed"] == 0
+    # Re-running reuses every finished cell: same records, files untouched.
+    files = sorted((results / "tiny").glob("*.json"))
+    assert len(files) == 4
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = run_cells(suite.cells(), results, progress=False)
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert numbers(again) == got and [r.get("started") for r in again] == [r.get("started") for r in records]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_gives_identical_numbers(tiny_config, tiny_run, tmp_path):
+    _, _, reference = tiny_run
+    cmd = [EXE, "run", "--all", "--config", str(tiny_config), "--results", str(tmp_path / "r"),
+           "--leaderboards", str(tmp_path / "lb"), "--imgs", str(tmp_path / "imgs"), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cache = tmp_path / "r" / "tiny"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list(cache.glob("*.json"))) < 2:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-cell: the third cell is in flight
+    proc.wait()
+    finished = len(list(cache.glob("*.json")))
+    assert 2 <= finished < 4 and not list(cache.glob(".*.tmp"))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "6 cells: 4 ok, 2 skipped, 0 errors" in done.stdout
+    suite = load_suite(tiny_config)
+    assert numbers(run_cells(suite.cells(), tmp_path / "r", progress=False)) == numbers(reference)
+    assert (tmp_path / "lb" / "dlib-resnet.md").is_file() and (tmp_path / "imgs" / "tiny_far.png").is_file()
+
+
+def test_leaderboard_tables_and_check(tiny_run, tmp_path):
+    suite, _, records = tiny_run
+    paths = render(suite, records, tmp_path / "lb")
+    md = (tmp_path / "lb" / "dlib-resnet.md").read_text()
+    assert "| none " in md and "| diffpure  | skipped" in md and "skipped: dlib-resnet/diffpure" in md
+    csv_rows = (tmp_path / "lb" / "dlib-resnet.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("defense,FRR genuine %,FAR clean %,FAR apgd %")
+    assert len(list((tmp_path / "lb" / "cells").glob("*.json"))) == 4 and len(paths) == 3
+    assert check(records, tmp_path / "lb", atol=0.0) == []
+    # Alter one committed number: the check names the cell and both values.
+    cell = tmp_path / "lb" / "cells" / "dlib-resnet__iwmf__apgd.json"
+    data = json.loads(cell.read_text())
+    old = data["metrics"]["far"]["value"]
+    data["metrics"]["far"]["value"] = old - 0.25
+    cell.write_text(json.dumps(data))
+    problems = check(records, tmp_path / "lb", atol=0.13)
+    assert len(problems) == 1 and problems[0].startswith("dlib-resnet/iwmf/apgd: far moved from")
+    assert f"{old - 0.25:.4f}" in problems[0] and f"{old:.4f}" in problems[0]
+
+
+@pytest.fixture(scope="module")
+def smoke_check(tmp_path_factory):
+    """The CI regression: re-run the committed smoke suite and compare."""
+    results = tmp_path_factory.mktemp("smoke")
+    r = subprocess.run([EXE, "leaderboard", "check", "--config", "configs/smoke.yaml", "--results", str(results),
+                        "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return r, results
+
+
+@pytest.mark.slow
+def test_smoke_leaderboard_check_passes(smoke_check):
+    r, _ = smoke_check
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "leaderboard check passed" in r.stdout
+
+
+@pytest.mark.slow
+def test_smoke_leaderboard_check_fails_on_altered_number(smoke_check, tmp_path):
+    _, results = smoke_check
+    committed = tmp_path / "committed"
+    shutil.copytree(ROOT / "leaderboards" / "smoke", committed)
+    cell = committed / "cells" / "dlib-resnet__iwmf-0.25__apgd-linf-transfer.json"
+    data = json.loads(cell.read_text())
+    data["metrics"]["frr_genuine"]["value"] += 0.5
+    cell.write_text(json.dumps(data))
+    r = subprocess.run([EXE, "leaderboard", "check", "--config", "configs/smoke.yaml", "--results", str(results),
+                        "--leaderboards", str(committed), "--no-progress"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 2
+    assert "dlib-resnet/iwmf-0.25/apgd-linf-transfer: frr_genuine moved from" in r.stderr
+
+
+def test_third_party_plugin_is_listed_run_and_broken_one_skipped(tiny_config, tmp_path):
+    target = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                          "--target", str(target), str(ROOT / "tests" / "plugins" / "iwmf_bench_example_plugin")],
+                         capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    listing = subprocess.run([EXE, "list"], capture_output=True, text=True, env=env, timeout=300)
+    assert listing.returncode == 0
+    assert "jpeg" in listing.stdout and "[plugin: iwmf-bench-example-plugin]" in listing.stdout
+    assert "uniform-noise" in listing.stdout
+    assert "attacks/broken-attack from iwmf-bench-example-plugin" in listing.stdout
+    assert "ModuleNotFoundError" in listing.stdout
+    cfg = tmp_path / "plugin.yaml"
+    cfg.write_text(tiny_config.read_text().replace("diffpure: {defense: diffpure}", "jpeg: {defense: jpeg, quality: 50}")
+                   .replace("apgd: {attack: apgd, setting: transfer, norm: Linf, eps: 0.03, steps: 3}",
+                            "noise: {attack: uniform-noise, setting: transfer, eps: 0.03}"))
+    run = subprocess.run([EXE, "run", "--all", "--config", str(cfg), "--results", str(tmp_path / "r"),
+                          "--leaderboards", str(tmp_path / "lb"), "--imgs", str(tmp_path / "imgs"), "--no-progress"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "6 cells: 6 ok, 0 skipped, 0 errors" in run.stdout
+    assert "| jpeg " in (tmp_path / "lb" / "dlib-resnet.md").read_text()
+
+
+@pytest.mark.slow
+def test_ray_executor_gives_the_local_numbers(tiny_config, tiny_run, tmp_path):
+    pytest.importorskip("ray")
+    _, _, reference = tiny_run
+    env = {**os.environ, "IWMF_BENCH_RAY_CPUS": "2"}
+    r = subprocess.run([EXE, "run", "--all", "--config", str(tiny_config), "--results", str(tmp_path / "r"),
+                        "--executor", "ray", "--leaderboards", str(tmp_path / "lb"), "--imgs", str(tmp_path / "i"),
+                        "--no-progress"], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    suite = load_suite(tiny_config)
+    assert numbers(run_cells(suite.cells(), tmp_path / "r", progress=False)) == numbers(reference)
