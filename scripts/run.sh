@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: set up the environment if needed, then run the default benchmark suite.
+# The main job: set up the environment if needed, then run the default benchmark suite
+# (configs/default.yaml); results are cached in results/, leaderboards go to
+# leaderboards/default/ and figures to imgs/. Extra arguments go to `iwmf-bench run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/iwmf-bench purify --defense iwmf --lambda-0 0.25 --seed 0 \
-  --input ../shared/data/iwmfdiff-imgs/source --output out/purified "$@"
+exec .venv/bin/iwmf-bench run --all "$@"

@@ -67,3 +67,39 @@ def test_bad_input_exits_2_with_one_line(shared_imgs, tmp_path):
 def test_unknown_defense_is_a_clean_error(tmp_path, shared_imgs):
     r = cli("purify", "--defense", "nope", "--input", shared_imgs / "source", "--output", tmp_path)
     assert r.returncode == 2 and "unknown defense 'nope'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_align_then_eval_separates_identities(shared_imgs, tmp_path):
+    # The user's path: align both folders with the CLI, then evaluate dlib-resnet on them.
+    for part in ("source", "target"):
+        r = cli("align", "--model", "dlib-resnet", "--input", shared_imgs / part, "--output", tmp_path / part)
+        assert r.returncode == 0, r.stderr
+    assert all(Image.open(p).size == (150, 150) for p in (tmp_path / "source").iterdir())
+    both = tmp_path / "both"
+    both.mkdir()
+    for p in [*(tmp_path / "source").iterdir(), *(tmp_path / "target").iterdir()]:
+        stem_id, label = p.stem.split("_")
+        offset = 100 if p.parent.name == "target" else 0  # keep ids unique across the two folders
+        shutil.copy(p, both / f"{int(stem_id) + offset:05d}_{label}.png")
+    r = cli("eval", "--model", "dlib-resnet", "--input", both, "--references", both, "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    out = json.loads(r.stdout)
+    # 40 images, 4 identities of 10: 180 genuine and 600 impostor unordered pairs.
+    assert out["far"]["n"] == 600 and out["frr"]["n"] == 180
+    correct = (out["far"]["n"] - out["far"]["k"]) + (out["frr"]["n"] - out["frr"]["k"])
+    assert correct / 780 >= 0.95
+
+
+def test_eval_without_weights_names_the_fetch_command(shared_imgs, tmp_path):
+    env_home = tmp_path / "home"
+    import os
+
+    r = subprocess.run([str(Path(sys.executable).with_name("iwmf-bench")), "eval", "--model", "facenet",
+                        "--input", str(shared_imgs / "source"), "--references", str(shared_imgs / "target")],
+                       capture_output=True, text=True, env={**os.environ, "IWMF_BENCH_HOME": str(env_home)},
+                       timeout=600)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "iwmf-bench fetch facenet" in lines[0] and str(env_home) in lines[0]

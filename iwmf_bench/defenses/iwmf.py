@@ -187,9 +187,9 @@ def iwmf_apply(x: torch.Tensor, centres: torch.Tensor, s: int = 3) -> torch.Tens
         means = flat.index_select(0, idx).view(m, area).mean(dim=1, keepdim=True)
         values = means.expand(m, area).reshape(-1)
         if track:
-            flat = flat.scatter(0, idx, values)
+            flat = flat.index_put((idx,), values)
         else:
-            flat.scatter_(0, idx, values)
+            flat.index_put_((idx,), values)
     return flat.view(batch, channels, height, width)
 
 
