@@ -48,7 +48,8 @@ def register(sub):
     p.add_argument("--grad-mode", choices=["exact", "bpda"], default=None,
                    help="with --adaptive: how gradients pass through the defense (default: its best)")
     p.add_argument("--eot", type=int, default=None,
-                   help="with --adaptive: draws of the defense's randomness per step (default 20)")
+                   help="with --adaptive: draws of the defense's randomness per step or query "
+                   "(default 20 for gradient attacks, the attack's own default otherwise)")
     p.add_argument("--n-draws", type=int, default=10, help="purifications per image at evaluation (worst-of-N)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -69,8 +70,9 @@ def attack_kwargs(args, factory) -> dict:
         return given
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return given
-    if args.adaptive and "eot_iter" not in given and "eot_iter" in params:
-        given["eot_iter"] = 20
+    if args.adaptive and "eot_iter" not in given and "eot_iter" in params \
+            and getattr(factory, "uses_gradients", False):
+        given["eot_iter"] = 20  # gradient attacks through a purifier: EOT by default
     for kw in given:
         if kw not in params:
             option = {"eot_iter": "--eot"}.get(kw, "--" + kw.replace("_", "-"))
@@ -98,6 +100,14 @@ def run(args) -> int:
         attack = entry.factory(**kwargs)
     except TypeError as exc:
         raise BenchError(f"attack {args.attack!r} does not take these options: {exc}") from None
+    sources, targets = load_folder(args.sources), load_folder(args.targets)
+    if sources.ids != targets.ids:
+        only_s = sorted(set(sources.ids) - set(targets.ids))[:5]
+        only_t = sorted(set(targets.ids) - set(sources.ids))[:5]
+        raise BenchError(f"source and target ids do not match ({len(sources)} sources, {len(targets)} targets; "
+                         f"only in sources: {[f'{i:05d}' for i in only_s]}, "
+                         f"only in targets: {[f'{i:05d}' for i in only_t]})")
+
     model = registry.create("models", args.model).to(args.device).eval()
     defense = None
     if args.defense:
@@ -106,14 +116,6 @@ def run(args) -> int:
         except TypeError as exc:
             raise BenchError(f"defense {args.defense!r} does not take these options: {exc}") from None
         defense = defense.to(args.device).eval()
-
-    sources, targets = load_folder(args.sources), load_folder(args.targets)
-    if sources.ids != targets.ids:
-        only_s = sorted(set(sources.ids) - set(targets.ids))[:5]
-        only_t = sorted(set(targets.ids) - set(sources.ids))[:5]
-        raise BenchError(f"source and target ids do not match ({len(sources)} sources, {len(targets)} targets; "
-                         f"only in sources: {[f'{i:05d}' for i in only_s]}, "
-                         f"only in targets: {[f'{i:05d}' for i in only_t]})")
     x = sources.images.to(args.device)
     with torch.no_grad():
         references = model.embed(targets.images.to(args.device))

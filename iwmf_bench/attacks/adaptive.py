@@ -1,0 +1,113 @@
+"""The adaptive attack and the evaluation of adversarial images on fresh randomness.
+
+:class:`Adaptive` is APGD-EOT aimed at a purifier that must be present in the task:
+gradients through the defense (``grad_mode`` ``"exact"`` by default, or ``"bpda"``),
+averaged over ``eot_iter`` draws of its randomness. Unlike the paper's adaptive attack,
+which passed no gradient through the purifier, this one differentiates through it.
+After the attack, its 8-bit images are scored on *fresh* randomness (draws the attack
+never saw) by :func:`evaluate`, attached as ``result.info["evaluation"]``.
+
+:func:`evaluate` is what the CLI and the harness report:
+
+* single-shot rate: the fraction of all ``N x n_draws`` submissions that succeed (each a
+  fresh purification), i.e. the expected rate of one submission;
+* worst-of-N rate: the fraction of samples that succeed in at least one of ``n_draws``
+  purifications (the attacker may resubmit the same image).
+
+For impersonation success is acceptance (this is the FAR under attack); for dodging,
+rejection. A deterministic defense (or none) needs one draw; both rates then coincide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import metrics
+from ..data import quantize
+from ..defenses.base import Defense
+from ..errors import BenchError
+from .base import GOALS, AttackResult, AttackTask, is_random, make_generator
+from .eot import APGDEOT
+
+
+@dataclass
+class Evaluation:
+    """Success of adversarial images over ``n_draws`` fresh purifications."""
+
+    single_shot: metrics.Rate
+    worst_of_n: metrics.Rate
+    n_draws: int
+    accepted: torch.Tensor  # (N, n_draws) bool: was submission (i, d) accepted?
+    margin: torch.Tensor  # (N, n_draws) verification margin (> 0: accepted) of each submission
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"single_shot": self.single_shot.to_dict(), "worst_of_n": self.worst_of_n.to_dict(),
+                "n_draws": self.n_draws}
+
+
+@torch.no_grad()
+def evaluate(model, defense: Defense | None, adv: torch.Tensor, references: torch.Tensor, seed: int,
+             n_draws: int = 10, goal: str = "impersonation", threshold: float | None = None,
+             batch_size: int = 64) -> Evaluation:
+    """Score ``data.quantize(adv)`` (the 8-bit images an attacker submits) against
+    ``references`` through ``defense`` (None: undefended) on fresh randomness.
+
+    Draws come from the task seed's ``"evaluate"`` stream, which no attack uses.
+    """
+    if goal not in GOALS:
+        raise BenchError(f"evaluate: goal must be one of {GOALS}, got {goal!r}")
+    if int(n_draws) != n_draws or n_draws < 1:
+        raise BenchError(f"evaluate: n_draws must be a positive integer, got {n_draws}")
+    if references.shape[0] != adv.shape[0]:
+        raise BenchError(f"evaluate: {adv.shape[0]} images but {references.shape[0]} references")
+    x = quantize(adv)
+    references = references.to(x.device)
+    thr = float(model.threshold if threshold is None else threshold)
+    random = defense is not None and (defense.stochastic or is_random(defense, x[:2], seed))
+    draws = int(n_draws) if random else 1
+    generator = make_generator(seed, "evaluate")
+    accepted, margin = [], []
+    for _ in range(draws):
+        ok, mg = [], []
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size]
+            z = xb if defense is None else defense.purify(xb, generator)
+            s = metrics.scores(model.embed(z), references[i:i + batch_size], model.metric)
+            ok.append(metrics.accepts(s, thr, model.metric))
+            mg.append(metrics.margin(s, thr, model.metric))
+        accepted.append(torch.cat(ok).cpu())
+        margin.append(torch.cat(mg).cpu())
+    accepted, margin = torch.stack(accepted, dim=1), torch.stack(margin, dim=1)
+    success = accepted if goal == "impersonation" else ~accepted
+    return Evaluation(single_shot=metrics.Rate(int(success.sum()), int(success.numel())),
+                      worst_of_n=metrics.Rate(int(success.any(dim=1).sum()), int(success.shape[0])),
+                      n_draws=draws, accepted=accepted, margin=margin)
+
+
+class Adaptive(APGDEOT):
+    """Adaptive APGD-EOT through the purifier (exact or BPDA gradients), scored on fresh randomness."""
+
+    registered_name = "adaptive"
+
+    def __init__(self, norm: str = "Linf", eps: float | None = None, steps: int = 40, eot_iter: int = 20,
+                 grad_mode: str = "exact", goal: str = "impersonation", n_draws: int = 10):
+        if grad_mode not in ("exact", "bpda"):
+            raise BenchError(f"adaptive: grad_mode must be 'exact' or 'bpda', got {grad_mode!r}")
+        super().__init__(norm=norm, eps=eps, steps=steps, eot_iter=eot_iter, grad_mode=grad_mode, goal=goal)
+        if int(n_draws) != n_draws or n_draws < 1:
+            raise BenchError(f"adaptive: n_draws must be a positive integer, got {n_draws}")
+        self.n_draws = int(n_draws)
+
+    def config(self):
+        return {**super().config(), "n_draws": self.n_draws}
+
+    def run(self, task: AttackTask) -> AttackResult:
+        if task.defense is None:
+            raise BenchError("adaptive: the task has no defense to adapt to (use apgd for the undefended model)")
+        result = super().run(task)
+        result.info["evaluation"] = evaluate(task.model, task.defense, result.adversarial, task.references,
+                                             task.seed, self.n_draws, self.goal, task.threshold)
+        return result

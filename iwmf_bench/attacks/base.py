@@ -1,0 +1,309 @@
+"""The attack contract, shared machinery, and the checks applied to every result.
+
+An attack is a small object built from keyword arguments with explicit budgets
+(torchattacks style, e.g. ``APGD(norm="Linf", eps=0.03, steps=40)``). It declares a
+``registered_name``, a one-line docstring, :meth:`Attack.config`, and
+:meth:`Attack.run` mapping an :class:`AttackTask` to an :class:`AttackResult`.
+
+Threat model. ``task.defense`` is the system *as the attacker sees it*: an attack
+queries (black-box) or differentiates (white-box) ``model.embed(defense.purify(x))``.
+The paper's setting, where the adversarial images are crafted on the undefended model
+and purified only at test time ("transfer"), is a task with ``defense=None`` followed
+by :func:`iwmf_bench.attacks.adaptive.evaluate` with the defense.
+
+Objective. Attacks maximize the goal-signed verification margin
+(:func:`iwmf_bench.metrics.margin`): ``margin`` for impersonation (source ``i`` must be
+accepted as reference ``i``), ``-margin`` for dodging (genuine image ``i`` must be
+rejected against its own identity's reference ``i``). The objective keeps improving past
+the threshold, so a successful sample is pushed deeper into the accept region; a sample
+counts as successful once its objective says accepted (impersonation) or rejected
+(dodging).
+
+Randomness. Every random number comes from a ``torch.Generator`` seeded from
+``task.seed`` and a stream name (:func:`make_generator`); the global RNG is never used,
+so a run is reproducible from its seed (checked: a change of the global RNG state during
+an attack raises the ``global_rng_used`` flag).
+
+Checks applied to every result (:meth:`Attack.run`): the raw output must lie in [0,1]
+and within the budget (Linf: ``max|adv - src| <= eps + 1e-6``; L2: per-image
+``||adv - src||_2 <= eps + 1e-6``), otherwise :class:`AttackBudgetError` is raised (a
+bug, never clipped away). Then, when the sources are 8-bit images (as loaded from PNG),
+the output is rounded to the 8-bit grid *inside* the budget (what a real attacker
+submits; :func:`quantize_within_budget`) and checked again. Sanity flags in the spirit of
+AutoAttack's: ``zero_gradients`` (a white-box attack saw an identically zero gradient),
+``randomness_without_eot`` (the defense in the loop is random, but the attack averages
+over no more than one draw per step), ``global_rng_used``. Determinism for a seed is a
+property of every attack here; :func:`check_deterministic` verifies it (tests run it on
+each attack). :func:`blackbox_beats_whitebox` flags a score-based black-box attack doing
+better than the white-box one on the same setting (the white-box attack is then broken
+or the gradient obfuscated).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from .. import metrics
+from ..data import quantize
+from ..defenses.base import Defense, check_images
+from ..errors import BenchError
+
+NORMS = ("Linf", "L2")
+GOALS = ("impersonation", "dodging")
+DEFAULT_EPS = {"Linf": 0.03, "L2": 0.5}
+TOLERANCE = 1e-6
+
+
+class AttackBudgetError(RuntimeError):
+    """An attack returned images outside its perturbation budget or outside [0,1] (a bug)."""
+
+
+class NonDeterministicAttack(RuntimeError):
+    """Two runs of an attack with the same seed gave different images (a bug)."""
+
+
+def derive_seed(seed: int, *stream: Any) -> int:
+    """A 63-bit seed for the named random stream of a task seed (stable across runs)."""
+    digest = hashlib.sha256(repr((int(seed),) + tuple(stream)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_generator(seed: int, *stream: Any) -> torch.Generator:
+    """A CPU ``torch.Generator`` for one stream of a task seed (never the global RNG)."""
+    return torch.Generator(device="cpu").manual_seed(derive_seed(seed, *stream))
+
+
+@dataclass
+class AttackTask:
+    """What to attack.
+
+    ``sources``: (N,3,H,W) images in [0,1]. ``references``: (N,D) embeddings, the
+    target identity's for impersonation, the true identity's for dodging.
+    ``defense``: the purifier in front of the model as the attacker sees it (None: the
+    undefended model; see the module docstring). ``threshold``: overrides the model's.
+    """
+
+    model: torch.nn.Module
+    sources: torch.Tensor
+    references: torch.Tensor
+    defense: Defense | None = None
+    seed: int = 0
+    threshold: float | None = None
+
+    def validate(self) -> None:
+        check_images(self.sources, "attack sources")
+        for attr in ("metric", "threshold", "embed"):
+            if not hasattr(self.model, attr):
+                raise BenchError(f"attack task: model {type(self.model).__name__} lacks {attr!r} "
+                                 "(expected an iwmf_bench FaceModel)")
+        if self.model.metric not in metrics.METRICS:
+            raise BenchError(f"attack task: model metric must be one of {metrics.METRICS}, got {self.model.metric!r}")
+        if not isinstance(self.references, torch.Tensor) or self.references.dim() != 2 \
+                or self.references.shape[0] != self.sources.shape[0]:
+            shape = tuple(self.references.shape) if isinstance(self.references, torch.Tensor) else type(self.references)
+            raise BenchError(f"attack task: references must be ({self.sources.shape[0]}, D) embeddings, "
+                             f"one per source, got {shape}")
+        if self.defense is not None and not isinstance(self.defense, Defense):
+            raise BenchError(f"attack task: defense must be an iwmf_bench Defense or None, "
+                             f"got {type(self.defense).__name__}")
+        if int(self.seed) != self.seed:
+            raise BenchError(f"attack task: seed must be an integer, got {self.seed!r}")
+
+    @property
+    def decision_threshold(self) -> float:
+        return float(self.model.threshold if self.threshold is None else self.threshold)
+
+
+@dataclass
+class AttackResult:
+    """Adversarial images (same shape as the sources) and how the attack went.
+
+    ``success``: per sample, as judged during the attack (on the attack's own draws of
+    the defense's randomness; final numbers come from ``adaptive.evaluate``).
+    ``queries``: per sample, forward passes of the attacked system (purify + model) used.
+    ``flags``: sanity flags (True = suspicious), see the module docstring.
+    """
+
+    adversarial: torch.Tensor
+    success: torch.Tensor
+    queries: torch.Tensor
+    flags: dict[str, bool] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def success_rate(self) -> metrics.Rate:
+        return metrics.Rate(int(self.success.sum()), int(self.success.numel()))
+
+    def raised_flags(self) -> list[str]:
+        return [name for name, value in self.flags.items() if value]
+
+
+def perturbation_norms(adv: torch.Tensor, src: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-image size of ``adv - src`` in the given norm."""
+    delta = (adv - src).flatten(1)
+    return delta.abs().amax(dim=1) if norm == "Linf" else delta.norm(dim=1)
+
+
+def check_budget(adv: torch.Tensor, src: torch.Tensor, norm: str, eps: float, what: str = "attack") -> None:
+    """Raise :class:`AttackBudgetError` unless ``adv`` is in [0,1] and within ``eps`` of ``src``."""
+    if not isinstance(adv, torch.Tensor) or adv.shape != src.shape:
+        shape = tuple(adv.shape) if isinstance(adv, torch.Tensor) else type(adv).__name__
+        raise AttackBudgetError(f"{what}: adversarial images have shape {shape}, sources {tuple(src.shape)}")
+    if not torch.isfinite(adv).all():
+        raise AttackBudgetError(f"{what}: adversarial images contain NaN or infinite values")
+    lo, hi = float(adv.min()), float(adv.max())
+    if lo < -TOLERANCE or hi > 1 + TOLERANCE:
+        raise AttackBudgetError(f"{what}: adversarial images leave [0,1] (range [{lo:.6g}, {hi:.6g}])")
+    sizes = perturbation_norms(adv.double(), src.double(), norm)
+    worst = int(sizes.argmax()) if sizes.numel() else 0
+    if sizes.numel() and float(sizes[worst]) > eps + TOLERANCE:
+        raise AttackBudgetError(f"{what}: image {worst} has {norm} perturbation {float(sizes[worst]):.6g} "
+                                f"> eps {eps:.6g} (+{TOLERANCE:g})")
+
+
+def fit_l2_ball(adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Undo float rounding that leaves ``adv`` a hair outside the L2 ball: images whose
+    actual ``||adv - x||`` (in float64) exceeds ``eps`` are pulled back along ``adv - x``."""
+    delta = adv - x
+    norms = delta.double().flatten(1).norm(dim=1)
+    over = norms > eps
+    if not over.any():
+        return adv
+    scale = torch.where(over, eps / norms * (1 - 1e-6), torch.ones_like(norms)).to(adv.dtype)
+    return (x + delta * scale.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def on_8bit_grid(x: torch.Tensor) -> bool:
+    return bool(torch.equal(quantize(x), x.detach()))
+
+
+def quantize_within_budget(adv: torch.Tensor, src: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Round ``adv`` to the 8-bit grid (what a saved PNG holds) without leaving the budget.
+
+    Requires ``src`` on the grid. Linf: nearest grid value, clamped to the grid points
+    inside ``[src - eps, src + eps]``. L2: nearest grid value per image, unless that
+    leaves the ball; then each pixel goes to whichever neighbouring grid value is nearer
+    the source, so ``|q - src| <= |adv - src|`` pixelwise.
+    """
+    adv, src = adv.detach(), src.detach()
+    q = quantize(adv)
+    if norm == "Linf":
+        lo = torch.ceil(((src - eps) * 255).clamp(0, 255) - 1e-6) / 255
+        hi = torch.floor(((src + eps) * 255).clamp(0, 255) + 1e-6) / 255
+        return torch.minimum(torch.maximum(q, lo), hi)
+    over = perturbation_norms(q.double(), src.double(), "L2") > eps
+    if over.any():
+        down, up = torch.floor(adv * 255) / 255, torch.ceil(adv * 255) / 255
+        toward = torch.where((down - src).abs() <= (up - src).abs(), down, up).clamp(0, 1)
+        q = torch.where(over.view(-1, 1, 1, 1), toward, q)
+    return q
+
+
+def is_random(defense: Defense, x: torch.Tensor, seed: int) -> bool:
+    """Does the defense's output depend on randomness? Purify ``x`` with two generators."""
+    with torch.no_grad():
+        a = defense.purify(x, make_generator(seed, "sanity", 0))
+        b = defense.purify(x, make_generator(seed, "sanity", 1))
+    return not torch.equal(a, b)
+
+
+def blackbox_beats_whitebox(black_box: metrics.Rate, white_box: metrics.Rate) -> bool:
+    """AutoAttack's sanity check: a score-based black-box attack (Square) reaching a higher
+    success rate than the white-box one (APGD) on the same setting means the white-box
+    attack is broken or the defense obfuscates gradients. True = suspicious."""
+    return black_box.value > white_box.value
+
+
+def check_deterministic(attack: "Attack", task: AttackTask) -> AttackResult:
+    """Run ``attack`` twice on ``task``; raise :class:`NonDeterministicAttack` unless the
+    images, success and query counts are identical. Returns the first result."""
+    first, second = attack.run(task), attack.run(task)
+    if not (torch.equal(first.adversarial, second.adversarial) and torch.equal(first.success, second.success)
+            and torch.equal(first.queries, second.queries)):
+        diff = float((first.adversarial - second.adversarial).abs().max())
+        raise NonDeterministicAttack(f"{attack.name}: two runs with seed {task.seed} differ (max |diff| {diff:.3g})")
+    return first
+
+
+class Attack:
+    """Base class of attacks (see the module docstring for the contract)."""
+
+    registered_name: ClassVar[str] = ""
+    #: Whether the attack differentiates through the system (white-box).
+    uses_gradients: ClassVar[bool] = False
+    #: Round outputs to the 8-bit grid inside the budget when the sources are 8-bit.
+    quantize_output: ClassVar[bool] = True
+
+    def __init__(self, norm: str = "Linf", eps: float | None = None, goal: str = "impersonation",
+                 eot_iter: int = 1):
+        if norm not in NORMS:
+            raise BenchError(f"{self.name}: norm must be one of {NORMS}, got {norm!r}")
+        if goal not in GOALS:
+            raise BenchError(f"{self.name}: goal must be one of {GOALS}, got {goal!r}")
+        eps = DEFAULT_EPS[norm] if eps is None else float(eps)
+        if not eps > 0:
+            raise BenchError(f"{self.name}: eps must be > 0, got {eps}")
+        if int(eot_iter) != eot_iter or eot_iter < 1:
+            raise BenchError(f"{self.name}: eot_iter must be a positive integer, got {eot_iter}")
+        self.norm, self.eps, self.goal, self.eot_iter = norm, eps, goal, int(eot_iter)
+
+    @property
+    def name(self) -> str:
+        return self.registered_name or type(self).__name__.lower()
+
+    def config(self) -> dict[str, Any]:
+        """Parameters that identify this attack in results."""
+        return {"attack": self.name, "norm": self.norm, "eps": self.eps, "goal": self.goal,
+                "eot_iter": self.eot_iter}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "attack")
+        return f"{type(self).__name__}({args})"
+
+    # -- the objective -----------------------------------------------------------------
+    def objective(self, task: AttackTask, x: torch.Tensor, generator: torch.Generator | None = None,
+                  grad_mode: str = "none") -> torch.Tensor:
+        """Goal-signed margin per sample (higher is better for the attacker) of one
+        forward pass through ``task.defense`` (if any) and the model."""
+        z = x if task.defense is None else task.defense.purify(x, generator, grad_mode)
+        emb = task.model.embed(z)
+        m = metrics.margin(metrics.scores(emb, task.references, task.model.metric),
+                           task.decision_threshold, task.model.metric)
+        return m if self.goal == "impersonation" else -m
+
+    def succeeded(self, objective: torch.Tensor) -> torch.Tensor:
+        """Impersonation: accepted (margin >= 0); dodging: rejected (margin < 0)."""
+        return objective >= 0 if self.goal == "impersonation" else objective > 0
+
+    # -- running -------------------------------------------------------------------------
+    def _run(self, task: AttackTask) -> AttackResult:
+        raise NotImplementedError
+
+    def run(self, task: AttackTask) -> AttackResult:
+        """Attack ``task``; the returned images are checked (budget, range) and flagged."""
+        task.validate()
+        task = AttackTask(task.model, task.sources.detach(),
+                          task.references.detach().to(task.sources.device), task.defense,
+                          int(task.seed), task.threshold)
+        rng_before = torch.get_rng_state()
+        flags: dict[str, bool] = {}
+        if task.defense is not None:
+            random_defense = bool(task.defense.stochastic) or is_random(task.defense, task.sources[:2], task.seed)
+            flags["randomness_without_eot"] = random_defense and self.eot_iter <= 1
+        result = self._run(task)
+        check_budget(result.adversarial, task.sources, self.norm, self.eps, self.name)
+        adv = result.adversarial.detach()
+        quantized = self.quantize_output and on_8bit_grid(task.sources)
+        if quantized:
+            adv = quantize_within_budget(adv, task.sources, self.norm, self.eps)
+            check_budget(adv, task.sources, self.norm, self.eps, f"{self.name} (8-bit output)")
+        result.adversarial = adv
+        result.flags = {"zero_gradients": False, **flags, **result.flags,
+                        "global_rng_used": not torch.equal(rng_before, torch.get_rng_state())}
+        result.info = {"config": self.config(), "quantized_8bit": quantized,
+                       "perturbation": perturbation_norms(adv, task.sources, self.norm).cpu(), **result.info}
+        return result
