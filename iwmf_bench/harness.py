@@ -217,6 +217,10 @@ def compute_cell(cell: Cell, results_root: Path | None = None, stage: Callable[[
     refs = _batched(model.embed, targets, batch)
     source_refs = _batched(model.embed, sources, batch)
     gen = make_generator(cell.seed, "harness", "genuine")
+    with torch.no_grad():  # warm-up (lazy loading, JIT caches) stays out of the timing
+        defense.purify(targets[:1], make_generator(cell.seed, "harness", "warm-up"))
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
     start = time.perf_counter()
     purified = _batched(lambda x: defense.purify(x, gen), targets, batch)
     if dev.startswith("cuda"):

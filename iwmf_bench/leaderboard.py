@@ -41,7 +41,8 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
     out = {}
     for m in models:
         headers = ["defense", "FRR genuine %"] + [f"FAR {t} %" for t in threats] + ["s/img"]
-        rows, raw, notes = [], [], []
+        rows, raw = [], []
+        reasons: dict[str, list[str]] = {}  # one note per distinct reason, naming the cells
         for d in defenses:
             cells = [by.get((m, d, t)) for t in threats]
             ok = [c for c in cells if c and c["status"] == "ok"]
@@ -57,14 +58,15 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
                     raw_row["far"][t] = c["metrics"]["far"]
                 else:
                     row.append(c["status"])
-                    note = f"{c['status']}: {m}/{d}/{t}: {c.get('reason', '')}"
-                    if c["status"] == "skipped":
-                        note = f"skipped: {m}/{d}: {c.get('reason', '')}"
-                    if note not in notes:
-                        notes.append(note)
+                    where = d if c["status"] == "skipped" else f"{d}/{t}"
+                    cells_with = reasons.setdefault(f"{c['status']}: {c.get('reason', '')}", [])
+                    if where not in cells_with:
+                        cells_with.append(where)
             row.append(f"{first['seconds_per_image']:.4f}" if first else "")
             rows.append(row)
             raw.append(raw_row)
+        notes = [f"{reason.split(': ', 1)[0]} ({', '.join(where)}): {reason.split(': ', 1)[1]}"
+                 for reason, where in reasons.items()]
         out[m] = {"headers": headers, "rows": rows, "raw": raw, "notes": notes}
     return out
 

@@ -158,6 +158,21 @@ def load_state_dict(path: str | os.PathLike) -> dict:
     return obj
 
 
+def load_strict(module: torch.nn.Module, state: dict, path: str | os.PathLike, what: str,
+                assign: bool = False) -> None:
+    """``module.load_state_dict(state, strict=True)``, turning a key/shape mismatch into a
+    :class:`WeightsError` that names the file and what it should have been. A ``module.``
+    prefix on every key (checkpoints saved from DataParallel/DDP) is dropped first."""
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        module.load_state_dict(state, strict=True, assign=assign)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).splitlines()[:3])[:400]
+        raise WeightsError(f"{path}: not {what}; it does not match the expected keys and shapes "
+                           f"({detail})") from None
+
+
 def fetch(name: str, progress: bool = True, timeout: float = 30.0) -> Path:
     """Download a checkpoint into the cache (atomically), verify it and return its path."""
     from tqdm import tqdm

@@ -127,7 +127,8 @@ def test_leaderboard_tables_and_check(tiny_run, tmp_path):
     suite, _, records = tiny_run
     paths = render(suite, records, tmp_path / "lb")
     md = (tmp_path / "lb" / "dlib-resnet.md").read_text()
-    assert "| none " in md and "| diffpure  | skipped" in md and "skipped: dlib-resnet/diffpure" in md
+    assert "| none " in md and "| diffpure  | skipped" in md
+    assert "- skipped (diffpure): weights for 'celeba-hq-ddpm' are not in the cache" in md
     csv_rows = (tmp_path / "lb" / "dlib-resnet.csv").read_text().splitlines()
     assert csv_rows[0].startswith("defense,FRR genuine %,FAR clean %,FAR apgd %")
     assert len(list((tmp_path / "lb" / "cells").glob("*.json"))) == 4 and len(paths) == 3

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import yaml
 
 from .. import weights as weights_mod
-from ..errors import BenchError, WeightsError
+from ..errors import BenchError
 from .base import Defense
 from .ddrm import alphas_cumprod, beta_schedule, ddrm_denoise, skip_sequence
 from .diffusion_unet import DDPMUNet, UNetConfig
@@ -110,16 +110,9 @@ def load_unet(prior: PriorConfig, path: str | Path) -> DDPMUNet:
     """Build the UNet without initialising it (meta device) and assign the checkpoint's
     tensors, strictly: every key and shape must match."""
     state = weights_mod.load_state_dict(path)
-    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
     with torch.device("meta"):
         unet = DDPMUNet(prior.unet)
-    try:
-        unet.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()
-        raise WeightsError(f"{path}: does not match the {prior.name} UNet "
-                           f"({' '.join(first[:3])[:400]})") from None
+    weights_mod.load_strict(unet, state, path, f"a {prior.name} UNet checkpoint", assign=True)
     return unet.float()
 
 

@@ -24,7 +24,6 @@ import os
 import torch
 
 from .. import weights as W
-from ..errors import WeightsError
 from .base import FaceModel
 
 DATASETS = {"vggface2": "facenet-vggface2", "casia-webface": "facenet-casia-webface"}
@@ -80,11 +79,7 @@ class FaceNet(FaceModel):
         # The published files carry the training classifier (8631 / 10575 classes); the
         # embedding network does not use it.
         state = {k: v for k, v in state.items() if not k.startswith("logits.")}
-        try:
-            self.net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise WeightsError(f"{path}: not a facenet-pytorch InceptionResnetV1 state dict "
-                                 f"({str(exc).splitlines()[0][:300]})") from None
+        W.load_strict(self.net, state, path, "a facenet-pytorch InceptionResnetV1 state dict")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Unit-norm 512-d embeddings of [0,1] RGB images at 160x160."""

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from .. import weights as W
-from ..errors import WeightsError
 from .base import FaceModel
 
 CHECKPOINT = "insightface-r100"
@@ -141,13 +140,7 @@ class InsightFace(FaceModel):
 
     def load_weights(self, path: str | os.PathLike) -> None:
         """Strictly load an arcface_torch IResNet-100 state dict."""
-        state = W.load_state_dict(path)
-        state = {k.removeprefix("module."): v for k, v in state.items()}  # DDP-saved files
-        try:
-            self.net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise WeightsError(f"{path}: not an arcface_torch IResNet-100 state dict "
-                               f"({str(exc).splitlines()[0][:300]})") from None
+        W.load_strict(self.net, W.load_state_dict(path), path, "an arcface_torch IResNet-100 state dict")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """512-d embeddings (not normalized; compare with cosine) of [0,1] RGB 112x112 images."""
