@@ -26,7 +26,10 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from . import __version__, registry
+from . import __version__, metrics, registry
+from .attacks.adaptive import evaluate
+from .attacks.base import AttackTask, make_generator
+from .data import load_folder, quantize
 from .errors import BenchError, WeightsError
 from .suite import Cell
 
@@ -100,8 +103,6 @@ def _pair_indices(n: int, pairs: int | None) -> list[int]:
 def prepare_data(sources: str, targets: str, align: bool, pairs: int | None, model_name: str,
                  input_size: int) -> dict[str, Any]:
     """Sources and targets for one model: aligned to its template (or resized), paired by id."""
-    from .data import load_folder
-
     src = load_folder(sources, size=None if align else input_size)
     tgt = load_folder(targets, size=None if align else input_size)
     if src.ids != tgt.ids:
@@ -163,46 +164,43 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch:
 def _cross_identity_frr(emb: torch.Tensor, ref: torch.Tensor, labels: list[int], threshold: float,
                         metric: str):
     """FRR over same-identity pairs (i, j), i != j: image i (processed) vs clean image j."""
-    from . import metrics
-
     lab = torch.tensor(labels)
     genuine = (lab.view(-1, 1) == lab.view(1, -1)) & ~torch.eye(len(labels), dtype=torch.bool)
     acc = metrics.accepts(metrics.pair_scores(emb, ref, metric).cpu(), threshold, metric)
     return metrics.Rate(int((~acc & genuine).sum()), int(genuine.sum()))
 
 
+def _attack(cell: Cell, model, sources: torch.Tensor, refs: torch.Tensor, defense) -> tuple[torch.Tensor, dict]:
+    """Run the cell's attack (``defense=None``: on the undefended model); images and facts."""
+    start = time.perf_counter()
+    result = build_attack(cell).run(AttackTask(model, sources, refs, defense, cell.seed))
+    return result.adversarial, {
+        "attack_seconds_per_image": (time.perf_counter() - start) / sources.shape[0],
+        "flags": {k: bool(v) for k, v in result.flags.items()},
+        "attack_success": result.success_rate.to_dict()}
+
+
 def transfer_adversarial(cell: Cell, model, data: dict, results_root: Path | None) -> tuple[torch.Tensor, dict]:
     """Adversarial images crafted on the undefended model: shared by every defense, so
     computed once per (model, threat model) and cached on disk next to the results."""
-    from .attacks.base import AttackTask
-
     ident = Cell(cell.suite, cell.model, cell.model_options, "-", {}, cell.threat, cell.threat_options,
                  cell.data, {}, cell.seed, cell.device).key
     path = (Path(results_root) / cell.suite / "adversarial" / f"{ident}.pt") if results_root else None
     if path is not None and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         return saved["adversarial"].to(cell.device), saved["info"]
-    attack = build_attack(cell)
-    start = time.perf_counter()
     refs = _batched(model.embed, data["targets"].to(cell.device), 32)
-    result = attack.run(AttackTask(model, data["sources"].to(cell.device), refs, None, cell.seed))
-    info = {"attack_seconds_per_image": (time.perf_counter() - start) / data["sources"].shape[0],
-            "flags": {k: bool(v) for k, v in result.flags.items()},
-            "attack_success": result.success_rate.to_dict()}
+    adv, info = _attack(cell, model, data["sources"].to(cell.device), refs, None)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"adversarial": result.adversarial.cpu(), "info": info}, tmp)
+        torch.save({"adversarial": adv.cpu(), "info": info}, tmp)
         os.replace(tmp, path)
-    return result.adversarial, info
+    return adv, info
 
 
 def compute_cell(cell: Cell, results_root: Path | None = None, stage: Callable[[str], None] = lambda s: None) -> dict:
     """The numbers of one cell (raises on failure; see :func:`run_cell`)."""
-    from .attacks.adaptive import evaluate
-    from .attacks.base import AttackTask
-    from .data import quantize
-
     stage("load model")
     model = build_model(cell)
     defense = build_defense(cell)
@@ -211,7 +209,6 @@ def compute_cell(cell: Cell, results_root: Path | None = None, stage: Callable[[
     sources, targets = data["sources"].to(dev), data["targets"].to(dev)
     n = sources.shape[0]
     batch = int(cell.evaluation.get("batch_size", 32))
-    from .attacks.base import make_generator
 
     stage("genuine")
     refs = _batched(model.embed, targets, batch)
@@ -236,13 +233,7 @@ def compute_cell(cell: Cell, results_root: Path | None = None, stage: Callable[[
     elif cell.setting == "transfer":
         adv, info = transfer_adversarial(cell, model, data, results_root)
     else:
-        attack = build_attack(cell)
-        start = time.perf_counter()
-        result = attack.run(AttackTask(model, sources, refs, defense, cell.seed))
-        adv = result.adversarial
-        info = {"attack_seconds_per_image": (time.perf_counter() - start) / n,
-                "flags": {k: bool(v) for k, v in result.flags.items()},
-                "attack_success": result.success_rate.to_dict()}
+        adv, info = _attack(cell, model, sources, refs, defense)
 
     stage("evaluate")
     draws = int(cell.evaluation.get("draws", 10))

@@ -51,7 +51,7 @@ def accepts(score: torch.Tensor, threshold: float, metric: str) -> torch.Tensor:
     return score >= threshold if metric == "cosine" else score <= threshold
 
 
-def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+def wilson_interval(k: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """95% Wilson score interval for a proportion k/n ((0, 1) when n == 0)."""
     if n == 0:
         return (0.0, 1.0)
@@ -64,10 +64,18 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
 
 @dataclass(frozen=True)
 class Rate:
-    """A proportion with its count and 95% Wilson interval."""
+    """A proportion with its count and 95% Wilson interval.
+
+    ``clusters``: the trials come in that many groups that are not independent (e.g. 10
+    purifications of each of 20 adversarial images). The interval is then the Wilson
+    interval of the same proportion over ``clusters`` trials: the mean of per-cluster
+    rates varies at most as much as that many Bernoulli trials, so this is conservative,
+    where treating every draw as independent would understate the uncertainty.
+    """
 
     k: int
     n: int
+    clusters: int | None = None
 
     @property
     def value(self) -> float:
@@ -75,6 +83,8 @@ class Rate:
 
     @property
     def interval(self) -> tuple[float, float]:
+        if self.clusters and self.n:
+            return wilson_interval(self.value * self.clusters, self.clusters)
         return wilson_interval(self.k, self.n)
 
     def to_dict(self) -> dict:

@@ -113,3 +113,14 @@ def test_margin_sign_and_index_matched_rates():
     assert impersonation_far(adv, tgt, 0.6, "euclidean") == Rate(1, 3)
     assert matched_frr(adv, tgt, 0.6, "euclidean") == Rate(2, 3)
     assert roc_auc(torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.2]), "euclidean") == pytest.approx(0.875)
+
+
+def test_clustered_rate_interval_counts_clusters_not_draws():
+    # 20 images x 10 draws, 50 accepted: the interval is that of 25% over 20 trials.
+    clustered, naive = Rate(50, 200, clusters=20), Rate(50, 200)
+    assert clustered.value == naive.value == 0.25
+    assert clustered.interval == wilson_interval(5.0, 20)
+    lo, hi = clustered.interval
+    assert lo == pytest.approx(0.1119, abs=1e-4) and hi == pytest.approx(0.4687, abs=1e-4)
+    assert hi - lo > naive.interval[1] - naive.interval[0]
+    assert clustered.to_dict()["clusters"] == 20 and clustered.to_dict()["ci95"] == [lo, hi]

@@ -82,7 +82,9 @@ def evaluate(model, defense: Defense | None, adv: torch.Tensor, references: torc
         margin.append(torch.cat(mg).cpu())
     accepted, margin = torch.stack(accepted, dim=1), torch.stack(margin, dim=1)
     success = accepted if goal == "impersonation" else ~accepted
-    return Evaluation(single_shot=metrics.Rate(int(success.sum()), int(success.numel())),
+    # The draws of one image are not independent trials: its interval counts images.
+    return Evaluation(single_shot=metrics.Rate(int(success.sum()), int(success.numel()),
+                                               clusters=int(success.shape[0]) if draws > 1 else None),
                       worst_of_n=metrics.Rate(int(success.any(dim=1).sum()), int(success.shape[0])),
                       n_draws=draws, accepted=accepted, margin=margin)
 
