@@ -67,8 +67,43 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
             raw.append(raw_row)
         notes = [f"{reason.split(': ', 1)[0]} ({', '.join(where)}): {reason.split(': ', 1)[1]}"
                  for reason, where in reasons.items()]
+        notes += sanity_notes([by[k] for k in by if k[0] == m])
         out[m] = {"headers": headers, "rows": rows, "raw": raw, "notes": notes}
     return out
+
+
+def sanity_notes(records: list[dict]) -> list[str]:
+    """AutoAttack-style warnings for one model's cells: flags an attack raised (zero
+    gradients, randomness without EOT, ...), and a black-box attack beating the
+    white-box one with the same setting and norm on the same defense (then the white-box
+    attack is broken or the defense masks gradients)."""
+    from .attacks.base import blackbox_beats_whitebox
+    from .metrics import Rate
+
+    ok = [r for r in records if r["status"] == "ok"]
+    notes = []
+    for r in ok:
+        raised = [name for name, on in (r["metrics"].get("flags") or {}).items() if on]
+        if raised:
+            notes.append(f"sanity ({r['cell']['defense']}/{r['cell']['threat']}): attack flagged "
+                         f"{', '.join(raised)}")
+
+    def kind(r):
+        t = r["cell"]["threat_options"]
+        return t.get("attack"), t.get("setting"), t.get("norm", "Linf")
+
+    for black in ok:
+        attack, setting, norm = kind(black)
+        if attack != "square":
+            continue
+        for white in ok:
+            if kind(white) == ("apgd", setting, norm) and white["cell"]["defense"] == black["cell"]["defense"]:
+                b, w = black["metrics"]["far"], white["metrics"]["far"]
+                if blackbox_beats_whitebox(Rate(b["k"], b["n"]), Rate(w["k"], w["n"])):
+                    notes.append(f"sanity ({black['cell']['defense']}): black-box {black['cell']['threat']} "
+                                 f"({100 * b['value']:.1f}%) beats white-box {white['cell']['threat']} "
+                                 f"({100 * w['value']:.1f}%): check the white-box attack or gradient masking")
+    return notes
 
 
 def render(suite: Suite, records: list[dict], out_dir: str | Path) -> list[Path]:

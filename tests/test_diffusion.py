@@ -245,3 +245,18 @@ def test_cli_reports_missing_checkpoint(tmp_path, monkeypatch, capsys):
     code = main(["purify", "--defense", "iwmfdiff", "--input", str(tmp_path), "--output", str(tmp_path / "out")])
     assert code == 2
     assert "iwmf-bench fetch celeba-hq-ddpm" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_cuda_purification_matches_cpu(dtype):
+    # Same generator draws on CPU and CUDA (noise is drawn on the CPU), so fp32 results agree
+    # to float rounding; reduced-precision autocast stays close.
+    x = torch.rand(2, 3, 40, 36, generator=torch.Generator().manual_seed(0))
+    cpu = IWMFDiff(config="tiny", pretrained=False, timesteps=4)
+    ref = cpu.purify(x, torch.Generator().manual_seed(1))
+    gpu = IWMFDiff(config="tiny", pretrained=False, timesteps=4, dtype=dtype, channels_last=True).cuda()
+    out = gpu.purify(x.cuda(), torch.Generator().manual_seed(1)).cpu()
+    assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+    tol = 1e-4 if dtype == "float32" else 0.05
+    assert (out - ref).abs().mean() < tol

@@ -212,3 +212,22 @@ def test_ray_executor_gives_the_local_numbers(tiny_config, tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     suite = load_suite(tiny_config)
     assert numbers(run_cells(suite.cells(), tmp_path / "r", progress=False)) == numbers(reference)
+
+
+def test_sanity_notes_flag_raised_flags_and_blackbox_beating_whitebox(tiny_run):
+    from iwmf_bench.leaderboard import sanity_notes
+
+    _, _, records = tiny_run
+    ok = [json.loads(json.dumps(r)) for r in records if r["status"] == "ok"]
+    assert sanity_notes(ok) == []  # the real tiny run raises nothing
+    apgd = next(r for r in ok if r["name"] == "dlib-resnet/iwmf/apgd")
+    square = json.loads(json.dumps(apgd))
+    square["cell"]["threat"] = "square"
+    square["cell"]["threat_options"] = {"attack": "square", "setting": "transfer", "norm": "Linf"}
+    far = apgd["metrics"]["far"]
+    square["metrics"]["far"] = {**far, "k": far["k"] + 1, "value": (far["k"] + 1) / far["n"]}
+    square["metrics"]["flags"] = {"zero_gradients": False, "randomness_without_eot": True}
+    notes = sanity_notes(ok + [square])
+    assert notes == ["sanity (iwmf/square): attack flagged randomness_without_eot",
+                     f"sanity (iwmf): black-box square ({100 * (far['k'] + 1) / far['n']:.1f}%) beats "
+                     f"white-box apgd ({100 * far['value']:.1f}%): check the white-box attack or gradient masking"]
