@@ -231,3 +231,16 @@ def test_sanity_notes_flag_raised_flags_and_blackbox_beating_whitebox(tiny_run):
     assert notes == ["sanity (iwmf/square): attack flagged randomness_without_eot",
                      f"sanity (iwmf): black-box square ({100 * (far['k'] + 1) / far['n']:.1f}%) beats "
                      f"white-box apgd ({100 * far['value']:.1f}%): check the white-box attack or gradient masking"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_suites_load_and_name_registered_plugins(path):
+    from iwmf_bench import registry
+
+    suite = load_suite(path)
+    cells = suite.cells()
+    assert len(cells) == len(suite.models) * len(suite.defenses) * len(suite.threat_models) > 0
+    assert set(suite.models) <= set(registry.available("models"))
+    assert {d["defense"] for d in suite.defenses.values()} <= set(registry.available("defenses"))
+    assert {t["attack"] for t in suite.threat_models.values()} - {None} <= set(registry.available("attacks"))
+    assert len({c.key for c in cells}) == len(cells)
