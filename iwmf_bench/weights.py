@@ -41,6 +41,13 @@ class Checkpoint:
 
 
 CHECKPOINTS: dict[str, Checkpoint] = {}
+#: Short names users reach for first (a model or defense name) -> its default checkpoint.
+ALIASES: dict[str, str] = {
+    "facenet": "facenet-vggface2",
+    "insightface": "insightface-r100",
+    "diffpure": "celeba-hq-ddpm",
+    "iwmfdiff": "celeba-hq-ddpm",
+}
 
 
 def register_checkpoint(ckpt: Checkpoint) -> Checkpoint:
@@ -82,6 +89,7 @@ def cache_path(name: str) -> Path:
 
 
 def get_checkpoint(name: str) -> Checkpoint:
+    name = ALIASES.get(name, name)
     if name not in CHECKPOINTS:
         raise WeightsError(f"unknown checkpoint {name!r}; known: {', '.join(sorted(CHECKPOINTS))}")
     return CHECKPOINTS[name]

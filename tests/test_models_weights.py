@@ -178,3 +178,13 @@ def test_corrupt_checkpoint_is_refused(tmp_path, home):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="dataset"):
         FaceNet(pretrained=False, dataset="lfw")
+
+
+def test_model_names_are_aliases_of_their_default_checkpoints():
+    from iwmf_bench import weights as W
+
+    assert W.get_checkpoint("facenet").name == "facenet-vggface2"
+    assert W.get_checkpoint("diffpure") is W.get_checkpoint("iwmfdiff") is W.get_checkpoint("celeba-hq-ddpm")
+    assert W.cache_path("facenet") == W.cache_path("facenet-vggface2")
+    with pytest.raises(W.WeightsError, match="unknown checkpoint 'nope'"):
+        W.get_checkpoint("nope")
