@@ -68,9 +68,11 @@ class FaceNet(FaceModel):
             raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {dataset!r}")
         self.dataset = dataset
         self.checkpoint = DATASETS[dataset]
+        # Resolve the weights first: a missing checkpoint fails before building the network.
+        path = W.resolve(self.checkpoint, weights) if pretrained or weights is not None else None
         self.net = _inception_resnet_v1()
-        if pretrained or weights is not None:
-            self.load_weights(W.resolve(self.checkpoint, weights))
+        if path is not None:
+            self.load_weights(path)
         self.eval()
 
     def load_weights(self, path: str | os.PathLike) -> None:

@@ -133,9 +133,11 @@ class InsightFace(FaceModel):
 
     def __init__(self, weights: str | os.PathLike | None = None, pretrained: bool = True):
         super().__init__()
+        # Resolve the weights first: a missing checkpoint fails before building the network.
+        path = W.resolve(CHECKPOINT, weights) if pretrained or weights is not None else None
         self.net = iresnet100()
-        if pretrained or weights is not None:
-            self.load_weights(W.resolve(CHECKPOINT, weights))
+        if path is not None:
+            self.load_weights(path)
         self.eval()
 
     def load_weights(self, path: str | os.PathLike) -> None:
