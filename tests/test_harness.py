@@ -177,9 +177,11 @@ def test_smoke_leaderboard_check_fails_on_altered_number(smoke_check, tmp_path):
 
 
 def test_third_party_plugin_is_listed_run_and_broken_one_skipped(tiny_config, tmp_path):
-    target = tmp_path / "site"
+    target, source = tmp_path / "site", tmp_path / "plugin-src"
+    # Build from a copy, so the build leaves nothing in the repository.
+    shutil.copytree(ROOT / "tests" / "plugins" / "iwmf_bench_example_plugin", source)
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                          "--target", str(target), str(ROOT / "tests" / "plugins" / "iwmf_bench_example_plugin")],
+                          "--target", str(target), str(source)],
                          capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr[-2000:]
     env = {**os.environ, "PYTHONPATH": str(target)}
