@@ -42,7 +42,8 @@ from .ddrm import alphas_cumprod, beta_schedule, ddrm_denoise, skip_sequence
 from .diffusion_unet import DDPMUNet, UNetConfig
 from .iwmf import iwmf
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "diffusion"
+# Diffusion prior configs ship inside the package (package data), so wheels find them too.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "priors"
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class PriorConfig:
 
 
 def load_prior_config(config: str | Path) -> PriorConfig:
-    """Read ``configs/diffusion/NAME.yaml`` (or a path to a YAML file)."""
+    """Read ``iwmf_bench/priors/NAME.yaml`` (or a path to a YAML file)."""
     path = Path(config)
     if path.suffix not in (".yaml", ".yml"):
         path = CONFIG_DIR / f"{config}.yaml"
