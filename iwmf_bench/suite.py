@@ -97,6 +97,39 @@ class Suite:
         return out
 
 
+def _check_options(path: Path, what: str, label: str, factory: Any, options: dict) -> None:
+    """Unknown option names (typos) fail before anything runs, naming what is accepted."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # not introspectable: the call will decide
+        return
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        accepted = ", ".join(n for n, p in params.items() if p.kind != p.VAR_POSITIONAL)
+        raise BenchError(f"{path}: {what}.{label}: unknown option(s) {', '.join(unknown)} "
+                         f"(accepted: {accepted})")
+
+
+def validate(suite: "Suite") -> None:
+    """Every name is registered and every option is accepted by its factory."""
+    from . import registry
+
+    for label, opts in suite.models.items():
+        _check_options(suite.path, "models", label, registry.get("models", label).factory, opts)
+    for label, opts in suite.defenses.items():
+        rest = {k: v for k, v in opts.items() if k != "defense"}
+        _check_options(suite.path, "defenses", label, registry.get("defenses", opts["defense"]).factory, rest)
+    for label, opts in suite.threat_models.items():
+        if opts["attack"] is None:
+            continue
+        rest = {k: v for k, v in opts.items() if k not in ("attack", "setting")}
+        _check_options(suite.path, "threat_models", label, registry.get("attacks", opts["attack"]).factory, rest)
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     if not text:
         return None

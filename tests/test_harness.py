@@ -239,10 +239,29 @@ def test_sanity_notes_flag_raised_flags_and_blackbox_beating_whitebox(tiny_run):
 def test_shipped_suites_load_and_name_registered_plugins(path):
     from iwmf_bench import registry
 
+    from iwmf_bench.suite import validate
+
     suite = load_suite(path)
+    validate(suite)  # every option is one its factory accepts
     cells = suite.cells()
     assert len(cells) == len(suite.models) * len(suite.defenses) * len(suite.threat_models) > 0
     assert set(suite.models) <= set(registry.available("models"))
     assert {d["defense"] for d in suite.defenses.values()} <= set(registry.available("defenses"))
     assert {t["attack"] for t in suite.threat_models.values()} - {None} <= set(registry.available("attacks"))
     assert len({c.key for c in cells}) == len(cells)
+
+
+def test_option_typos_and_unknown_names_fail_before_running(tiny_config, tmp_path):
+    from iwmf_bench.suite import validate
+
+    validate(load_suite(tiny_config))
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(tiny_config.read_text().replace("lambda_0: 0.25", "lamda_0: 0.25"))
+    with pytest.raises(BenchError, match=r"defenses\.iwmf: unknown option\(s\) lamda_0 \(accepted: lambda_0, s, shared\)"):
+        validate(load_suite(bad))
+    bad.write_text(tiny_config.read_text().replace("attack: apgd,", "attack: apdg,"))
+    with pytest.raises(BenchError, match="unknown attack 'apdg'"):
+        validate(load_suite(bad))
+    r = subprocess.run([EXE, "run", "--all", "--config", str(bad), "--results", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "unknown attack 'apdg'" in r.stderr and not (tmp_path / "r").exists()

@@ -6,7 +6,7 @@ import sys
 import tempfile
 
 from ..errors import BenchError
-from ..suite import load_suite
+from ..suite import load_suite, validate
 from .run import add_suite_options, locate_config
 
 
@@ -31,6 +31,7 @@ def render(args) -> int:
     from ..publish import publish
 
     suite = load_suite(locate_config(args.config))
+    validate(suite)
     records = run_cells(suite.cells(), args.results, args.executor, args.ray_address, progress=not args.no_progress)
     for path in publish(suite, records, args.leaderboards or f"leaderboards/{suite.name}", args.imgs, args.results):
         print(f"wrote {path}")
@@ -42,6 +43,7 @@ def check(args) -> int:
     from ..leaderboard import check as compare
 
     suite = load_suite(locate_config(args.config))
+    validate(suite)
     atol = args.atol if args.atol is not None else float(suite.check.get("atol", 0.0))
     committed = args.leaderboards or f"leaderboards/{suite.name}"
     # A fresh cache unless told otherwise: the point is to recompute the numbers.

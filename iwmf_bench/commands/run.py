@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import BenchError
-from ..suite import load_suite, parse_shard
+from ..suite import load_suite, parse_shard, validate
 
 DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -50,6 +50,7 @@ def run(args) -> int:
     from ..publish import publish
 
     suite = load_suite(locate_config(args.config))
+    validate(suite)
     filters = (_names(args.models), _names(args.defenses), _names(args.attacks))
     if not args.all and not any(filters):
         raise BenchError("say which cells to run: --all, or filters --models/--defenses/--attacks")
