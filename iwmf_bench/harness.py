@@ -164,10 +164,8 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch:
 def _cross_identity_frr(emb: torch.Tensor, ref: torch.Tensor, labels: list[int], threshold: float,
                         metric: str):
     """FRR over same-identity pairs (i, j), i != j: image i (processed) vs clean image j."""
-    lab = torch.tensor(labels)
-    genuine = (lab.view(-1, 1) == lab.view(1, -1)) & ~torch.eye(len(labels), dtype=torch.bool)
-    acc = metrics.accepts(metrics.pair_scores(emb, ref, metric).cpu(), threshold, metric)
-    return metrics.Rate(int((~acc & genuine).sum()), int(genuine.sum()))
+    return metrics.far_frr(metrics.pair_scores(emb, ref, metric).cpu(), labels, labels, threshold, metric,
+                           exclude_diagonal=True)["frr"]
 
 
 def _attack(cell: Cell, model, sources: torch.Tensor, refs: torch.Tensor, defense) -> tuple[torch.Tensor, dict]:

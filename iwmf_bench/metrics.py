@@ -97,11 +97,13 @@ class Rate:
 
 
 def far_frr(score_matrix: torch.Tensor, labels_a: Sequence[int], labels_b: Sequence[int],
-            threshold: float, metric: str, exclude_self: bool = False) -> dict[str, Rate]:
+            threshold: float, metric: str, exclude_self: bool = False,
+            exclude_diagonal: bool = False) -> dict[str, Rate]:
     """FAR over all different-label pairs and FRR over all same-label pairs.
 
     ``exclude_self``: the two sets are the same images; skip the diagonal and count each
-    unordered pair once.
+    unordered pair once. ``exclude_diagonal``: row i and column i are versions of one
+    image (e.g. purified vs clean); skip the diagonal, keep both (i, j) and (j, i).
     """
     la = torch.as_tensor(list(labels_a)).view(-1, 1)
     lb = torch.as_tensor(list(labels_b)).view(1, -1)
@@ -112,6 +114,8 @@ def far_frr(score_matrix: torch.Tensor, labels_a: Sequence[int], labels_b: Seque
     valid = torch.ones_like(same)
     if exclude_self:
         valid = torch.triu(valid, diagonal=1)
+    elif exclude_diagonal:
+        valid &= ~torch.eye(*valid.shape, dtype=torch.bool)
     acc = accepts(score_matrix, threshold, metric)
     genuine, impostor = same & valid, ~same & valid
     return {

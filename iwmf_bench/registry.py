@@ -108,6 +108,20 @@ def get(kind: str, name: str) -> Entry:
     return entries[name]
 
 
+def accepted_options(factory: Callable[..., Any]) -> tuple[str, ...] | None:
+    """Keyword names a factory accepts, or None when it takes ``**kwargs`` or cannot be
+    introspected (then only the call itself can tell)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return None
+    return tuple(n for n, p in params.items() if p.kind != p.VAR_POSITIONAL)
+
+
 def create(kind: str, name: str, **kwargs: Any) -> Any:
     """Build a registered object: ``create('defenses', 'iwmf', lambda_0=0.25)``."""
     return get(kind, name).factory(**kwargs)

@@ -99,19 +99,13 @@ class Suite:
 
 def _check_options(path: Path, what: str, label: str, factory: Any, options: dict) -> None:
     """Unknown option names (typos) fail before anything runs, naming what is accepted."""
-    import inspect
+    from .registry import accepted_options
 
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # not introspectable: the call will decide
-        return
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = sorted(set(options) - set(params))
+    accepted = accepted_options(factory)
+    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
     if unknown:
-        accepted = ", ".join(n for n, p in params.items() if p.kind != p.VAR_POSITIONAL)
         raise BenchError(f"{path}: {what}.{label}: unknown option(s) {', '.join(unknown)} "
-                         f"(accepted: {accepted})")
+                         f"(accepted: {', '.join(accepted)})")
 
 
 def validate(suite: "Suite") -> None:

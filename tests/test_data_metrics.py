@@ -124,3 +124,11 @@ def test_clustered_rate_interval_counts_clusters_not_draws():
     assert lo == pytest.approx(0.1119, abs=1e-4) and hi == pytest.approx(0.4687, abs=1e-4)
     assert hi - lo > naive.interval[1] - naive.interval[0]
     assert clustered.to_dict()["clusters"] == 20 and clustered.to_dict()["ci95"] == [lo, hi]
+
+
+def test_far_frr_can_skip_only_the_diagonal():
+    # Row i and column i are two versions of one image: pairs (i, j), i != j, both orders.
+    s = torch.tensor([[0.9, 0.7, 0.1], [0.5, 0.9, 0.2], [0.1, 0.3, 0.9]])
+    r = far_frr(s, [0, 0, 1], [0, 0, 1], threshold=0.6, metric="cosine", exclude_diagonal=True)
+    # genuine off-diagonal: (0,1) 0.7 accepted, (1,0) 0.5 rejected; impostors (0,2) (1,2) (2,0) (2,1) rejected
+    assert (r["frr"].k, r["frr"].n, r["far"].k, r["far"].n) == (1, 2, 0, 4)

@@ -11,7 +11,6 @@ paper's transfer setting); with ``--adaptive`` the defense is in the attack's lo
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 
@@ -64,11 +63,8 @@ def attack_kwargs(args, factory) -> dict:
                        ("grad_mode", "grad_mode")):
         if getattr(args, option) is not None:
             given[kw] = getattr(args, option)
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # not introspectable: let the call decide
-        return given
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    params = registry.accepted_options(factory)
+    if params is None:  # takes **kwargs or cannot be introspected: let the call decide
         return given
     if args.adaptive and "eot_iter" not in given and "eot_iter" in params \
             and getattr(factory, "uses_gradients", False):
