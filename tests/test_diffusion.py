@@ -228,6 +228,32 @@ def test_checkpointed_steps_give_the_same_gradient():
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
+
+# The GPU options run on CPU too (autocast has a CPU bf16/fp16 path; inductor compiles for
+# CPU), so everything but the device itself is checked here; test_cuda_* below is the rest.
+@pytest.mark.parametrize("options,out_tol,grad_tol", [
+    # Tolerances on the mean |difference| (output) and on it relative to the mean |gradient|;
+    # measured: 1.4e-7/3.7e-7, 1.1e-3/1.2e-2, 1.4e-4/4.1e-3, 1.3e-7/3.5e-7.
+    ({"channels_last": True}, 1e-6, 1e-5),
+    ({"dtype": "bfloat16"}, 5e-3, 0.05),
+    ({"dtype": "float16"}, 1e-3, 0.02),
+    pytest.param({"compile": True, "channels_last": True}, 1e-6, 1e-5, marks=pytest.mark.slow),
+], ids=["channels_last", "bf16", "fp16", "compile"])
+def test_speed_options_keep_the_result_and_its_gradient(options, out_tol, grad_tol):
+    x = torch.rand(2, 3, 40, 36, generator=torch.Generator().manual_seed(0))
+    results = []
+    for kw in ({}, options):
+        d = IWMFDiff(config="tiny", pretrained=False, timesteps=3, **kw)
+        xr = x.clone().requires_grad_(True)
+        out = d.purify(xr, torch.Generator().manual_seed(1), grad_mode="exact")
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        assert out.dtype == x.dtype and 0 <= out.min() and out.max() <= 1
+        results.append((out.detach(), xr.grad))
+    (ref, ref_grad), (out, grad) = results
+    assert (out - ref).abs().mean() < out_tol
+    assert (grad - ref_grad).abs().mean() < grad_tol * ref_grad.abs().mean()
+
+
 # --- weights --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make", [lambda: DiffPure(), lambda: IWMFDiff(),
