@@ -42,7 +42,8 @@ from .ddrm import alphas_cumprod, beta_schedule, ddrm_denoise, skip_sequence
 from .diffusion_unet import DDPMUNet, UNetConfig
 from .iwmf import iwmf
 
-# Diffusion prior configs ship inside the package (package data), so wheels find them too.
+# Diffusion prior configs ship inside the package (package data), so wheels find them too;
+# configs/diffusion in the repository is a link to this folder.
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "priors"
 
 
