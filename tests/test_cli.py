@@ -103,3 +103,21 @@ def test_eval_without_weights_names_the_fetch_command(shared_imgs, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "iwmf-bench fetch facenet" in lines[0] and str(env_home) in lines[0]
+
+
+def test_defense_options_reach_the_defense(shared_imgs, tmp_path):
+    # Any keyword of the defense through -D KEY=VALUE (YAML values): here the tiny random
+    # UNet, which runs the whole IWMF-Diff pipeline offline.
+    base = ["purify", "--defense", "iwmfdiff", "--sigma-y", "0.1", "-D", "config=tiny", "-D", "pretrained=false",
+            "--input", shared_imgs / "source"]
+    runs = {}
+    for name, extra in (("a", ["-D", "timesteps=4"]), ("b", ["-D", "timesteps=4"]), ("c", ["-D", "timesteps=2"])):
+        r = cli(*base, *extra, "--output", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+        runs[name] = digest(tmp_path / name)
+    assert runs["a"] == runs["b"] and runs["a"] != runs["c"]  # seeded, and timesteps took effect
+    assert len(runs["a"]) == 20
+    r = cli(*base, "-D", "timestep=4", "--output", tmp_path / "d")
+    assert r.returncode == 2 and "does not take 'timestep'" in r.stderr and "timesteps" in r.stderr
+    r = cli(*base, "-D", "timesteps", "--output", tmp_path / "d")
+    assert r.returncode == 2 and "KEY=VALUE" in r.stderr and "Traceback" not in r.stderr

@@ -21,7 +21,7 @@ from ..attacks.adaptive import evaluate
 from ..attacks.base import AttackTask
 from ..data import load_folder, read_image, save_images
 from ..errors import BenchError
-from .purify import defense_kwargs
+from .purify import add_defense_options, build_defense, defense_kwargs
 
 
 def register(sub):
@@ -39,10 +39,7 @@ def register(sub):
     p.add_argument("--output", required=True, help="folder for the adversarial PNGs")
     p.add_argument("--defense", default=None, help="registered defense applied at evaluation (and in the "
                    "attack's loop with --adaptive)")
-    p.add_argument("--lambda-0", type=float, default=None, help="IWMF window density lambda_0")
-    p.add_argument("--s", type=int, default=None, help="IWMF window size")
-    p.add_argument("--sigma-y", type=float, default=None, help="DDRM noise level (diffusion defenses)")
-    p.add_argument("--weights", default=None, help="local checkpoint file for defenses with weights")
+    add_defense_options(p)
     p.add_argument("--adaptive", action="store_true", help="put the defense in the attack's loop")
     p.add_argument("--grad-mode", choices=["exact", "bpda"], default=None,
                    help="with --adaptive: how gradients pass through the defense (default: its best)")
@@ -84,6 +81,8 @@ def _check_options(args) -> None:
         for option, value in (("--grad-mode", args.grad_mode), ("--eot", args.eot)):
             if value is not None:
                 raise BenchError(f"{option} only applies with --adaptive (the defense in the attack's loop)")
+    if not args.defense and defense_kwargs(args):
+        raise BenchError(f"defense options ({', '.join(defense_kwargs(args))}) need a --defense to apply to")
     if args.n_draws < 1:
         raise BenchError(f"--n-draws must be >= 1, got {args.n_draws}")
 
@@ -105,13 +104,7 @@ def run(args) -> int:
                          f"only in targets: {[f'{i:05d}' for i in only_t]})")
 
     model = registry.create("models", args.model).to(args.device).eval()
-    defense = None
-    if args.defense:
-        try:
-            defense = registry.create("defenses", args.defense, **defense_kwargs(args))
-        except TypeError as exc:
-            raise BenchError(f"defense {args.defense!r} does not take these options: {exc}") from None
-        defense = defense.to(args.device).eval()
+    defense = build_defense(args) if args.defense else None
     x = sources.images.to(args.device)
     with torch.no_grad():
         references = model.embed(targets.images.to(args.device))

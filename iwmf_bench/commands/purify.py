@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from .. import registry
@@ -15,10 +16,7 @@ from ..errors import BenchError
 def register(sub):
     p = sub.add_parser("purify", help="purify a folder of NNNNN_label.ext images")
     p.add_argument("--defense", required=True, help="registered defense name (see `iwmf-bench list`)")
-    p.add_argument("--lambda-0", type=float, default=None, help="IWMF window density lambda_0")
-    p.add_argument("--s", type=int, default=None, help="IWMF window size")
-    p.add_argument("--sigma-y", type=float, default=None, help="DDRM noise level (diffusion defenses)")
-    p.add_argument("--weights", default=None, help="local checkpoint file for defenses with weights")
+    add_defense_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
@@ -27,18 +25,59 @@ def register(sub):
     p.set_defaults(func=run)
 
 
+def add_defense_options(p) -> None:
+    """The defense's options: the common ones by name, any other through --defense-option."""
+    p.add_argument("--lambda-0", type=float, default=None, help="IWMF window density lambda_0")
+    p.add_argument("--s", type=int, default=None, help="IWMF window size")
+    p.add_argument("--sigma-y", type=float, default=None, help="DDRM noise level (diffusion defenses)")
+    p.add_argument("--weights", default=None, help="local checkpoint file for defenses with weights")
+    p.add_argument("--defense-option", "-D", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other keyword of the defense, VALUE read as YAML (repeatable), e.g. "
+                   "-D timesteps=10 -D dtype=bf16 -D channels_last=true -D compile=true")
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key.isidentifier():
+        raise BenchError(f"--defense-option expects KEY=VALUE (e.g. timesteps=10), got {text!r}")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise BenchError(f"--defense-option {text!r}: VALUE is not valid YAML ({exc})") from None
+
+
 def defense_kwargs(args) -> dict:
     """Options given on the command line, under the defenses' keyword names."""
     names = {"lambda_0": "lambda_0", "s": "s", "sigma_y": "sigma_y", "weights": "weights"}
-    return {kw: getattr(args, attr) for attr, kw in names.items() if getattr(args, attr, None) is not None}
+    kwargs = {kw: getattr(args, attr) for attr, kw in names.items() if getattr(args, attr, None) is not None}
+    for text in getattr(args, "defense_option", []):
+        key, value = _parse_option(text)
+        if key in kwargs:
+            raise BenchError(f"defense option {key!r} is given twice")
+        kwargs[key] = value
+    return kwargs
+
+
+def build_defense(args):
+    """The defense named by ``--defense`` with the command line's options, on ``--device``,
+    in eval mode; options it does not take are an error that lists the ones it does."""
+    entry = registry.get("defenses", args.defense)
+    kwargs = defense_kwargs(args)
+    params = registry.accepted_options(entry.factory)
+    unknown = [k for k in kwargs if params is not None and k not in params]
+    if unknown:
+        raise BenchError(f"defense {args.defense!r} does not take {', '.join(map(repr, unknown))} "
+                         f"(it takes: {', '.join(params)})")
+    try:
+        defense = entry.factory(**kwargs)
+    except TypeError as exc:
+        raise BenchError(f"defense {args.defense!r} does not take these options: {exc}") from None
+    return defense.to(args.device).eval()
 
 
 def run(args) -> int:
-    try:
-        defense = registry.create("defenses", args.defense, **defense_kwargs(args))
-    except TypeError as exc:
-        raise BenchError(f"defense {args.defense!r} does not take these options: {exc}") from None
-    defense = defense.to(args.device)
+    defense = build_defense(args)
     data = load_folder(args.input)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     start = time.perf_counter()
