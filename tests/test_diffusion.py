@@ -11,7 +11,7 @@ from iwmf_bench import registry
 from iwmf_bench.defenses import ddrm
 from iwmf_bench.defenses.diffusion import DiffPure, IWMFDiff, load_prior_config, load_unet
 from iwmf_bench.defenses.diffusion_unet import DDPMUNet
-from iwmf_bench.errors import WeightsError
+from iwmf_bench.errors import BenchError, WeightsError
 from iwmf_bench.weights import resolve
 
 ABAR = ddrm.alphas_cumprod(ddrm.beta_schedule("linear", 1e-4, 0.02, 1000))
@@ -194,6 +194,14 @@ def test_tiny_purification(cls):
     one = cls(config="tiny", pretrained=False, timesteps=4, batch_size=1)
     assert torch.allclose(out, one.purify(x, torch.Generator().manual_seed(6)), atol=1e-5)
     assert cls.registered_name in registry.available("defenses")
+
+
+def test_purifiers_check_channels():
+    # IWMF is per channel, so any channel count; the UNet takes its config's in_channels.
+    gray = torch.rand(1, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    assert registry.create("defenses", "iwmf").purify(gray).shape == gray.shape
+    with pytest.raises(BenchError, match=r"input to purify: expected 3 channels \(NCHW\), got shape \(1, 1, 12, 12\)"):
+        IWMFDiff(config="tiny", pretrained=False).purify(gray)
 
 
 def test_exact_gradient_matches_finite_differences():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from iwmf_bench.data import load_folder, to_uint8
-from iwmf_bench.errors import WeightsError
+from iwmf_bench.errors import BenchError, WeightsError
 from iwmf_bench.metrics import pair_scores, roc_auc
 from iwmf_bench.models.dlib_resnet import DlibResNet, default_weights_path, parse_dlib_resnet
 
@@ -64,9 +64,14 @@ def test_output_shape_and_gradient_reaches_pixels(model):
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-def test_embed_resizes(model):
+def test_embed_resizes_and_refuses_non_rgb(model):
     y = model.embed(torch.rand(2, 3, 112, 96))
     assert y.shape == (2, 128)
+    # A grayscale batch would broadcast against the RGB mean and "work": refuse it instead.
+    with pytest.raises(BenchError, match=r"expected 3 channels.*x.expand\(-1, 3, -1, -1\)"):
+        model.embed(torch.rand(2, 1, 150, 150))
+    with pytest.raises(BenchError, match="expected 3 channels"):
+        model.embed(torch.rand(2, 4, 150, 150))
 
 
 def test_unpretrained_needs_no_file():

@@ -23,12 +23,16 @@ from ..errors import BenchError
 GRAD_MODES = ("none", "bpda", "exact")
 
 
-def check_images(x: torch.Tensor, what: str = "images") -> None:
-    """Raise a clear error unless ``x`` is a finite float NCHW batch with values in [0,1]."""
+def check_images(x: torch.Tensor, what: str = "images", channels: int | None = None) -> None:
+    """Raise a clear error unless ``x`` is a finite float NCHW batch with values in [0,1]
+    (and ``channels`` channels, when given)."""
     if not isinstance(x, torch.Tensor):
         raise BenchError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise BenchError(f"{what}: expected a 4-D NCHW batch, got shape {tuple(x.shape)}")
+    if channels is not None and x.shape[1] != channels:
+        hint = " (grayscale: repeat it, x.expand(-1, 3, -1, -1))" if channels == 3 and x.shape[1] == 1 else ""
+        raise BenchError(f"{what}: expected {channels} channels (NCHW), got shape {tuple(x.shape)}{hint}")
     if not x.is_floating_point():
         raise BenchError(f"{what}: expected floating point values in [0,1], got dtype {x.dtype} "
                          "(divide uint8 images by 255)")
@@ -46,6 +50,7 @@ class Defense(torch.nn.Module):
 
     stochastic: ClassVar[bool] = False
     grad_modes: ClassVar[tuple[str, ...]] = ("none", "bpda", "exact")
+    channels: int | None = None  # channels the defense needs (None: any)
 
     def _purify(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
@@ -58,7 +63,7 @@ class Defense(torch.nn.Module):
         if grad_mode != "none" and grad_mode not in self.grad_modes:
             raise BenchError(f"defense {self.name!r} does not support grad_mode {grad_mode!r} "
                              f"(supported: {', '.join(self.grad_modes)})")
-        check_images(x, "input to purify")
+        check_images(x, "input to purify", self.channels)
         if grad_mode == "exact":
             return self._purify(x, generator)
         with torch.no_grad():

@@ -142,6 +142,7 @@ class _DDRMPurifier(Defense):
             if not 0 <= eta <= 1:
                 raise BenchError(f"{name} must lie in [0,1], got {eta}")
         self.prior = load_prior_config(config)
+        self.channels = self.prior.unet.in_channels
         skip_sequence(self.prior.num_diffusion_timesteps, int(timesteps))  # validates
         self.lambda_0, self.sigma_y, self.s = float(lambda_0), float(sigma_y), int(s)
         self.timesteps, self.batch_size = int(timesteps), int(batch_size)

@@ -42,7 +42,7 @@ class FaceModel(torch.nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings of images in [0,1], resized to the model's input size if needed."""
-        check_images(x, f"input to {self.name}")
+        check_images(x, f"input to {self.name}", channels=3)
         return self(resize(x, self.input_size))
 
     def config(self) -> dict[str, Any]:
