@@ -1,14 +1,17 @@
 """Speed and exact-gradient memory of the diffusion defenses (random UNet weights).
 
     .venv/bin/python benchmarks/diffusion.py                       # tiny UNet, CPU
-    .venv/bin/python benchmarks/diffusion.py --config celeba_hq --device cuda
+    .venv/bin/python benchmarks/diffusion.py --config celeba_hq --device cuda --options-table
 
 Table 1: seconds per image of DiffPure and IWMF-Diff (``grad_mode="none"``) for each
-batch size. Table 2: peak memory of one ``grad_mode="exact"`` forward + backward against
-the number of DDRM steps, with per-step activation checkpointing (the default) and
-without. Each memory setting runs in a fresh subprocess: on CUDA the peak is
-``torch.cuda.max_memory_allocated``; on CPU it is the process's resident-set high-water
-mark (``getrusage``) minus its value once the model and inputs exist.
+batch size. With ``--options-table``, IWMF-Diff under each dtype / channels_last /
+torch.compile variant against fp32 in the same run. Last table: memory of one
+``grad_mode="exact"`` forward + backward against the number of DDRM steps, with per-step
+activation checkpointing (the default) and without. Each memory setting runs in a fresh
+subprocess and reports (a) the bytes autograd saves for backward (exact and deterministic,
+counted with saved-tensor hooks) and (b) the peak: ``torch.cuda.max_memory_allocated`` on
+CUDA; on CPU the resident-set high-water mark (``getrusage``) minus its value once the
+model and inputs exist, which allocator reuse makes noisy.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from iwmf_bench.defenses.diffusion import DiffPure, IWMFDiff
 
 
 def make(cls, args, **kw):
-    d = cls(config=args.config, pretrained=False, timesteps=args.timesteps, dtype=args.dtype,
-            channels_last=args.channels_last, compile=args.compile, **kw)
+    options = {"dtype": args.dtype, "channels_last": args.channels_last, "compile": args.compile, **kw}
+    d = cls(config=args.config, pretrained=False, timesteps=args.timesteps, **options)
     d = d.to(args.device)
     d.load_model()
     return d
@@ -39,24 +42,50 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def best_seconds(d, batch: int, args) -> float:
+    """Best of ``args.repeats`` timed purifications of one batch, after a warm-up."""
+    res = d.prior.resolution
+    x = torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(0)).to(args.device)
+    d.purify(x, torch.Generator().manual_seed(1))  # warm-up (allocations, compile, autotuning)
+    sync(args.device)
+    times = []
+    for r in range(args.repeats):
+        start = time.perf_counter()
+        d.purify(x, torch.Generator().manual_seed(2 + r))
+        sync(args.device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def speed(args) -> list[list]:
     rows = []
     for cls in (DiffPure, IWMFDiff):
         for batch in args.batches:
-            d = make(cls, args, batch_size=batch)
-            res = d.prior.resolution
-            x = torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(0)).to(args.device)
-            d.purify(x[:1], torch.Generator().manual_seed(1))  # warm-up (allocations, compile)
-            sync(args.device)
-            times = []
-            for r in range(args.repeats):
-                start = time.perf_counter()
-                d.purify(x, torch.Generator().manual_seed(2 + r))
-                sync(args.device)
-                times.append(time.perf_counter() - start)
-            best = min(times)
+            best = best_seconds(make(cls, args, batch_size=batch), batch, args)
             rows.append([cls.registered_name, batch, args.timesteps, f"{best:.3f}", f"{best / batch:.4f}"])
             print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
+# The speed options side by side, each against the same run's fp32 baseline.
+OPTION_VARIANTS = {
+    "fp32": {"dtype": "float32"},
+    "fp32 channels_last": {"dtype": "float32", "channels_last": True},
+    "bf16 autocast": {"dtype": "bfloat16"},
+    "fp16 autocast": {"dtype": "float16"},
+    "fp32 compile": {"dtype": "float32", "compile": True},
+    "bf16 channels_last compile": {"dtype": "bfloat16", "channels_last": True, "compile": True},
+}
+
+
+def options(args) -> list[list]:
+    rows, base = [], None
+    batch = args.batches[-1]
+    for name, opts in OPTION_VARIANTS.items():
+        best = best_seconds(make(IWMFDiff, args, batch_size=batch, **opts), batch, args)
+        base = base or best
+        rows.append([name, batch, f"{best / batch:.4f}", f"{base / best:.2f}x"])
+        print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -73,12 +102,23 @@ def memory_worker(args) -> None:
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # What autograd keeps for the backward pass, counted once per storage: inside a
+    # checkpointed step the checkpoint's own hooks take over, so only step inputs show.
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
     start = time.perf_counter()
-    d.purify(x, torch.Generator().manual_seed(1), grad_mode="exact").square().sum().backward()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = d.purify(x, torch.Generator().manual_seed(1), grad_mode="exact").square().sum()
+    loss.backward()
     sync(args.device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_mib": (peak - base) / 2 ** 20, "seconds": elapsed}))
+    print(json.dumps({"peak_mib": (peak - base) / 2 ** 20, "saved_mib": sum(saved.values()) / 2 ** 20,
+                      "seconds": elapsed}))
 
 
 def memory(args) -> list[list]:
@@ -93,11 +133,11 @@ def memory(args) -> list[list]:
                 cmd += ["--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
-                row += ["failed", ""]
+                row += ["failed", "", ""]
                 print(out.stderr[-2000:], file=sys.stderr)
                 continue
             res = json.loads(out.stdout.strip().splitlines()[-1])
-            row += [f"{res['peak_mib']:.0f}", f"{res['seconds']:.2f}"]
+            row += [f"{res['saved_mib']:.1f}", f"{res['peak_mib']:.0f}", f"{res['seconds']:.2f}"]
         rows.append(row)
         print(f"  {row}", file=sys.stderr, flush=True)
     return rows
@@ -118,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--options-table", action="store_true",
+                   help="also time IWMF-Diff under each dtype/channels_last/compile variant "
+                   "(largest --batches), as speed-ups over fp32 in the same run")
     p.add_argument("--_memory-worker", dest="memory_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -136,11 +179,16 @@ def main(argv=None) -> int:
         rows = speed(args)
         print("\nPurification speed (grad_mode=none, best of %d)" % args.repeats)
         print(tabulate(rows, headers=["defense", "batch", "steps", "s/batch", "s/image"], tablefmt="github"))
+    if args.options_table:
+        rows = options(args)
+        print("\nSpeed options (IWMF-Diff, grad_mode=none, best of %d; speed-up over fp32)" % args.repeats)
+        print(tabulate(rows, headers=["variant", "batch", "s/image", "speed-up"], tablefmt="github"))
     if not args.skip_memory:
         rows = memory(args)
-        unit = "CUDA max allocated" if args.device.startswith("cuda") else "RSS high-water increase"
-        print(f"\nExact-gradient peak memory, batch {args.mem_batch} ({unit}, MiB; forward+backward seconds)")
-        print(tabulate(rows, headers=["steps", "checkpointed MiB", "s", "no checkpoint MiB", "s"],
+        unit = "CUDA max allocated" if args.device.startswith("cuda") else "RSS high-water increase, noisy"
+        print(f"\nExact-gradient memory, batch {args.mem_batch}: MiB saved by autograd for backward, "
+              f"peak MiB ({unit}), forward+backward seconds")
+        print(tabulate(rows, headers=["steps", "ckpt saved", "ckpt peak", "s", "no-ckpt saved", "no-ckpt peak", "s"],
                        tablefmt="github"))
     return 0
 
