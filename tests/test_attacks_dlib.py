@@ -149,3 +149,24 @@ def test_cli_attack(aligned, tmp_path):
     r = _cli("attack", "--attack", "square", "--steps", "3", "--model", "dlib-resnet", "--sources",
              aligned["source"], "--targets", aligned["target"], "--output", tmp_path / "x")
     assert r.returncode == 2 and "does not take --steps" in r.stderr
+
+
+def test_adaptive_exact_through_iwmfdiff_reaches_the_pixels(pairs):
+    # The whole differentiable chain on a real face model: 150 px faces -> IWMF -> resize to
+    # the prior's 32 px -> DDRM steps (tiny random UNet) -> resize back -> dlib. A few exact
+    # APGD steps must move the purified images towards their targets.
+    from iwmf_bench.defenses.diffusion import IWMFDiff
+
+    model, src, refs = pairs
+    src, refs = src[:2], refs[:2]
+    defense = IWMFDiff(config="tiny", pretrained=False, sigma_y=0.05, timesteps=20)
+    attack = Adaptive(norm="Linf", eps=0.03, steps=4, eot_iter=2, grad_mode="exact", n_draws=2)
+    result = attack.run(AttackTask(model, src, refs, defense=defense, seed=SEED))
+    check_budget(result.adversarial, src, "Linf", 0.03)
+    assert not result.raised_flags()
+    clean = evaluate(model, defense, src, refs, SEED, n_draws=2)
+    after = result.info["evaluation"]
+    print(f"\nmean margin through IWMF-Diff(tiny): clean {clean.margin.mean():.3f}, "
+          f"after 4 exact steps {after.margin.mean():.3f}")
+    # Measured gains 0.049-0.084 over seeds 0-2; without a gradient APGD would not move.
+    assert float(after.margin.mean()) > float(clean.margin.mean()) + 0.02
