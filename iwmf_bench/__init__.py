@@ -7,6 +7,7 @@ try:
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+unknown"
 
+from .defenses.diffusion import iwmfdiff  # noqa: E402
 from .defenses.iwmf import iwmf, iwmf_apply  # noqa: E402
 from .registry import available, create  # noqa: E402
 
@@ -26,5 +27,5 @@ def get_attack(name: str, **kwargs):
     return create("attacks", name, **kwargs)
 
 
-__all__ = ["__version__", "iwmf", "iwmf_apply", "available", "create", "get_defense", "load_model",
+__all__ = ["__version__", "iwmf", "iwmf_apply", "iwmfdiff", "available", "create", "get_defense", "load_model",
            "get_attack"]

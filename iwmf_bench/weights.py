@@ -147,7 +147,7 @@ def resolve(name: str, weights: str | os.PathLike | None = None) -> Path:
     if not path.is_file():
         raise WeightsError(
             f"weights for {name!r} are not in the cache ({path}); download them with "
-            f"`iwmf-bench fetch {name}` (from {ckpt.urls[0]}) or pass a local file with --weights PATH")
+            f"`iwmf-bench fetch {name}` (from {ckpt.urls[0]}) or pass a local file with --weights PATH (weights=PATH in Python)")
     verify(ckpt, path)
     return path
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import iwmf_bench
 from iwmf_bench import registry
 from iwmf_bench.defenses import ddrm
 from iwmf_bench.defenses.diffusion import DiffPure, IWMFDiff, load_prior_config, load_unet
@@ -196,6 +197,20 @@ def test_tiny_purification(cls):
     assert cls.registered_name in registry.available("defenses")
 
 
+def test_functional_iwmfdiff_matches_the_defense_and_reuses_it():
+    from iwmf_bench import iwmfdiff
+    from iwmf_bench.defenses import diffusion
+
+    x = torch.rand(2, 3, 40, 36, generator=torch.Generator().manual_seed(4))
+    options = {"config": "tiny", "pretrained": False, "timesteps": 3}
+    ref = IWMFDiff(lambda_0=0.3, sigma_y=0.1, **options).purify(x, torch.Generator().manual_seed(5))
+    out = iwmfdiff(x, 0.3, 0.1, generator=torch.Generator().manual_seed(5), **options)
+    assert torch.equal(out, ref)
+    hits = diffusion._shared_iwmfdiff.cache_info().hits
+    again = iwmfdiff(x, 0.3, 0.1, generator=torch.Generator().manual_seed(5), **options)
+    assert torch.equal(again, ref) and diffusion._shared_iwmfdiff.cache_info().hits == hits + 1
+
+
 def test_purifiers_check_channels():
     # IWMF is per channel, so any channel count; the UNet takes its config's in_channels.
     gray = torch.rand(1, 1, 12, 12, generator=torch.Generator().manual_seed(3))
@@ -265,7 +280,8 @@ def test_speed_options_keep_the_result_and_its_gradient(options, out_tol, grad_t
 # --- weights --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make", [lambda: DiffPure(), lambda: IWMFDiff(),
-                                  lambda: registry.create("defenses", "diffpure")])
+                                  lambda: registry.create("defenses", "diffpure"),
+                                  lambda: iwmf_bench.iwmfdiff(torch.rand(1, 3, 8, 8))])
 def test_missing_checkpoint_fails_fast(tmp_path, monkeypatch, make):
     monkeypatch.setenv("IWMF_BENCH_HOME", str(tmp_path))
     with pytest.raises(WeightsError, match="iwmf-bench fetch celeba-hq-ddpm"):

@@ -27,6 +27,7 @@ step); ``bpda`` is the straight-through approximation.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,23 @@ class IWMFDiff(_DDRMPurifier):
         super().__init__(lambda_0, sigma_y, s, timesteps, weights, config, batch_size, dtype,
                          channels_last, compile, eta_a, eta_b, eta_c, pretrained, unet, init_seed,
                          checkpoint_steps)
+
+
+@functools.lru_cache(maxsize=2)
+def _shared_iwmfdiff(lambda_0: float, sigma_y: float, s: int, options: tuple) -> IWMFDiff:
+    return IWMFDiff(lambda_0=lambda_0, sigma_y=sigma_y, s=s, **dict(options))
+
+
+def iwmfdiff(x: torch.Tensor, lambda_0: float = 0.25, sigma_y: float = 0.15, s: int = 3,
+             generator: torch.Generator | None = None, grad_mode: str = "none", **options: Any) -> torch.Tensor:
+    """IWMF-Diff as a function: ``iwmfdiff(x, 0.25, 0.15, generator=g)``.
+
+    ``options`` are :class:`IWMFDiff`'s other keywords (``timesteps``, ``dtype``, ...). The
+    defense and its UNet are built once per distinct set of options and reused by later
+    calls (two most recent sets kept), on the device of ``x``.
+    """
+    try:
+        defense = _shared_iwmfdiff(float(lambda_0), float(sigma_y), int(s), tuple(sorted(options.items())))
+    except TypeError:  # an unhashable option value: nothing to share
+        defense = IWMFDiff(lambda_0=lambda_0, sigma_y=sigma_y, s=s, **options)
+    return defense.to(x.device).purify(x, generator, grad_mode)
