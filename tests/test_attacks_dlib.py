@@ -137,6 +137,7 @@ def test_cli_attack(aligned, tmp_path):
     assert report["max_perturbation"] <= 0.03 + 1e-6
     assert report["after"]["n_draws"] == 2 and report["after"]["worst_of_n"]["n"] == PAIRS
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in aligned["source"].iterdir())
+    assert "apgd:   0%| " in r.stderr and "0/3 [" in r.stderr  # the progress bar (steps), on stderr
 
     # mismatched ids: a one-line error, exit 2, before any model is loaded
     partial = tmp_path / "partial"

@@ -154,7 +154,7 @@ class APGD(Attack):
         loss_prev = loss.clone()
         trace = [float(loss.mean())]
 
-        for k in range(self.steps):
+        for k in self.iterations(self.steps, "step"):
             with torch.no_grad():
                 a = self.momentum if k > 0 else 1.0
                 z = project(x_adv + step * _direction(grad, norm), x, norm, eps)

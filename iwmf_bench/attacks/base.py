@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from tqdm import tqdm
 
 from .. import metrics
 from ..data import quantize
@@ -237,6 +238,8 @@ class Attack:
     uses_gradients: ClassVar[bool] = False
     #: Round outputs to the 8-bit grid inside the budget when the sources are 8-bit.
     quantize_output: ClassVar[bool] = True
+    #: Show a progress bar over the iterations (``iwmf-bench attack`` turns it on).
+    progress: bool = False
 
     def __init__(self, norm: str = "Linf", eps: float | None = None, goal: str = "impersonation",
                  eot_iter: int = 1):
@@ -280,6 +283,10 @@ class Attack:
         return objective >= 0 if self.goal == "impersonation" else objective > 0
 
     # -- running -------------------------------------------------------------------------
+    def iterations(self, n: int, unit: str):
+        """``range(n)``, with a progress bar when :attr:`progress` is set."""
+        return tqdm(range(n), desc=self.name, unit=unit, leave=False, disable=not self.progress)
+
     def _run(self, task: AttackTask) -> AttackResult:
         raise NotImplementedError
 

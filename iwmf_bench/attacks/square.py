@@ -198,7 +198,7 @@ class Square(Attack):
         queries = torch.full((n,), per_eval, dtype=torch.long)
         n_iters = self.queries // per_eval - 1
         candidate = self._candidate_linf if self.norm == "Linf" else self._candidate_l2
-        for it in range(n_iters):
+        for it in self.iterations(n_iters, "iteration"):
             active = ~self.succeeded(loss_best) if self.stop_on_success else torch.ones(n, dtype=torch.bool)
             idx = everyone[active.cpu()]
             if idx.numel() == 0:

@@ -95,6 +95,7 @@ def run(args) -> int:
         attack = entry.factory(**kwargs)
     except TypeError as exc:
         raise BenchError(f"attack {args.attack!r} does not take these options: {exc}") from None
+    attack.progress = True  # a bar on stderr: stdout stays clean for --json
     sources, targets = load_folder(args.sources), load_folder(args.targets)
     if sources.ids != targets.ids:
         only_s = sorted(set(sources.ids) - set(targets.ids))[:5]
