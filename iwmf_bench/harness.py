@@ -31,7 +31,7 @@ from .attacks.adaptive import evaluate
 from .attacks.base import AttackTask, make_generator
 from .data import load_folder, quantize
 from .errors import BenchError, WeightsError
-from .suite import Cell
+from .suite import SUITE_KEYS, Cell
 
 # -- result cache ----------------------------------------------------------------------
 
@@ -140,14 +140,17 @@ def _model(name: str, options_json: str, device: str):
     return registry.create("models", name, **json.loads(options_json)).to(device).eval()
 
 
+def _factory_options(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in SUITE_KEYS}
+
+
 def build_model(cell: Cell):
-    return _model(cell.model, json.dumps(cell.model_options, sort_keys=True), cell.device)
+    return _model(cell.model, json.dumps(_factory_options(cell.model_options), sort_keys=True), cell.device)
 
 
 def build_defense(cell: Cell):
-    opts = dict(cell.defense_options)
-    name = opts.pop("defense")
-    return registry.create("defenses", name, **opts).to(cell.device).eval()
+    opts = _factory_options(cell.defense_options)
+    return registry.create("defenses", cell.defense_options["defense"], **opts).to(cell.device).eval()
 
 
 def build_attack(cell: Cell):
@@ -254,6 +257,18 @@ def compute_cell(cell: Cell, results_root: Path | None = None, stage: Callable[[
     }
 
 
+def _missing_weights(cell: Cell) -> list[str]:
+    """What building the cell's model and defense says about missing weights (so a cell
+    skipped for another reason names every fix at once)."""
+    problems = []
+    for build in (build_model, build_defense):
+        try:
+            build(cell)
+        except WeightsError as exc:
+            problems.append(str(exc))
+    return problems
+
+
 def run_cell(cell: Cell | dict, results_root: str | Path | None, stage: Callable[[str], None] = lambda s: None) -> dict:
     """Compute one cell and cache it; never raises for a cell that fails.
 
@@ -270,8 +285,11 @@ def run_cell(cell: Cell | dict, results_root: str | Path | None, stage: Callable
                               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     start = time.perf_counter()
     try:
-        record["metrics"] = compute_cell(cell, Path(results_root) if results_root else None, stage)
-        record["status"] = "ok"
+        if (missing := cell.missing_requirement) is not None:
+            record.update(status="skipped", reason="; ".join([missing, *_missing_weights(cell)]))
+        else:
+            record["metrics"] = compute_cell(cell, Path(results_root) if results_root else None, stage)
+            record["status"] = "ok"
     except WeightsError as exc:
         record.update(status="skipped", reason=str(exc))
     except BenchError as exc:

@@ -21,6 +21,9 @@ from . import __version__
 from .errors import BenchError
 
 SETTINGS = ("transfer", "adaptive")
+# Suite-level keys of a model or defense entry (not passed to its factory).
+REQUIRES = ("cuda",)  # ``requires: cuda``: skip the entry's cells on a machine without a GPU
+SUITE_KEYS = ("defense", "requires")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,17 @@ class Cell:
         payload = {k: v for k, v in self.to_dict().items() if k != "suite"}
         blob = json.dumps({"cell": payload, "version": __version__}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    @property
+    def missing_requirement(self) -> str | None:
+        """Why this cell cannot run on its device (None: it can)."""
+        for what, label, opts in (("model", self.model, self.model_options),
+                                  ("defense", self.defense, self.defense_options)):
+            if opts.get("requires") == "cuda" and not self.device.startswith("cuda"):
+                return (f"{what} {label!r} needs a CUDA GPU ('requires: cuda' in the suite: far too slow on "
+                        f"{self.device}); run the suite on a GPU machine, or delete that line to run it on "
+                        f"{self.device} anyway")
+        return None
 
     @property
     def setting(self) -> str | None:
@@ -113,9 +127,10 @@ def validate(suite: "Suite") -> None:
     from . import registry
 
     for label, opts in suite.models.items():
-        _check_options(suite.path, "models", label, registry.get("models", label).factory, opts)
+        rest = {k: v for k, v in opts.items() if k not in SUITE_KEYS}
+        _check_options(suite.path, "models", label, registry.get("models", label).factory, rest)
     for label, opts in suite.defenses.items():
-        rest = {k: v for k, v in opts.items() if k != "defense"}
+        rest = {k: v for k, v in opts.items() if k not in SUITE_KEYS}
         _check_options(suite.path, "defenses", label, registry.get("defenses", opts["defense"]).factory, rest)
     for label, opts in suite.threat_models.items():
         if opts["attack"] is None:
@@ -166,9 +181,15 @@ def load_suite(path: str | Path) -> Suite:
     for key in ("models", "defenses", "threat_models", "data"):
         if key not in raw:
             raise BenchError(f"{path}: missing '{key}'")
+    models = _mapping(raw["models"], "models", path)
     defenses = _mapping(raw["defenses"], "defenses", path)
     for label, opts in defenses.items():
         opts.setdefault("defense", label)
+    for what, entries in (("models", models), ("defenses", defenses)):
+        for label, opts in entries.items():
+            if "requires" in opts and opts["requires"] not in REQUIRES:
+                raise BenchError(f"{path}: {what}.{label}.requires must be one of {', '.join(REQUIRES)}, "
+                                 f"got {opts['requires']!r}")
     threats = _mapping(raw["threat_models"], "threat_models", path)
     for label, opts in threats.items():
         if "attack" not in opts:
@@ -182,5 +203,5 @@ def load_suite(path: str | Path) -> Suite:
             raise BenchError(f"{path}: data.{key} is required")
     return Suite(name=str(raw.get("name", path.stem)), path=path, seed=int(raw.get("seed", 0)),
                  device=str(raw.get("device", "auto")), data=data,
-                 models=_mapping(raw["models"], "models", path), defenses=defenses, threat_models=threats,
+                 models=models, defenses=defenses, threat_models=threats,
                  evaluation=dict(raw.get("evaluation") or {}), check=dict(raw.get("check") or {}))

@@ -16,7 +16,7 @@ import pytest
 from iwmf_bench.errors import BenchError
 from iwmf_bench.harness import run_cells
 from iwmf_bench.leaderboard import check, render
-from iwmf_bench.suite import load_suite, parse_shard
+from iwmf_bench.suite import load_suite, parse_shard, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 EXE = str(Path(sys.executable).with_name("iwmf-bench"))
@@ -265,3 +265,36 @@ def test_option_typos_and_unknown_names_fail_before_running(tiny_config, tmp_pat
     r = subprocess.run([EXE, "run", "--all", "--config", str(bad), "--results", str(tmp_path / "r")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "unknown attack 'apdg'" in r.stderr and not (tmp_path / "r").exists()
+
+
+def test_requires_cuda_skips_on_cpu_and_is_checked(shared_imgs, tmp_path, monkeypatch):
+    # The same tiny-UNet IWMF-Diff entry twice: marked `requires: cuda` it is skipped on
+    # this CPU with the reason and the fix; unmarked it runs. Missing weights are named too.
+    monkeypatch.setenv("IWMF_BENCH_HOME", str(tmp_path / "home"))
+    config = tmp_path / "gpu.yaml"
+    config.write_text(f"""\
+name: gpu
+device: cpu
+data: {{sources: "{shared_imgs / 'source'}", targets: "{shared_imgs / 'target'}", align: false, pairs: 2}}
+models: {{dlib-resnet: {{}}}}
+defenses:
+  diff-gpu: {{defense: iwmfdiff, config: tiny, pretrained: false, timesteps: 2, requires: cuda}}
+  diff-cpu: {{defense: iwmfdiff, config: tiny, pretrained: false, timesteps: 2}}
+  diffpure: {{defense: diffpure, requires: cuda}}
+threat_models: {{clean: {{attack: null}}}}
+evaluation: {{draws: 1}}
+""")
+    suite = load_suite(config)
+    validate(suite)  # `requires` is the suite's key, not an option of the defense
+    records = {r["name"]: r for r in run_cells(suite.cells(), tmp_path / "r", progress=False)}
+    skipped, ran = records["dlib-resnet/diff-gpu/clean"], records["dlib-resnet/diff-cpu/clean"]
+    assert ran["status"] == "ok", ran.get("reason")
+    assert skipped["status"] == "skipped"
+    assert "defense 'diff-gpu' needs a CUDA GPU" in skipped["reason"] and "delete that line" in skipped["reason"]
+    assert "fetch" not in skipped["reason"]
+    both = records["dlib-resnet/diffpure/clean"]
+    assert both["status"] == "skipped" and "needs a CUDA GPU" in both["reason"]
+    assert "iwmf-bench fetch celeba-hq-ddpm" in both["reason"]
+    config.write_text(config.read_text().replace("requires: cuda", "requires: tpu"))
+    with pytest.raises(BenchError, match=r"defenses.diff-gpu.requires must be one of cuda, got 'tpu'"):
+        load_suite(config)
