@@ -12,6 +12,7 @@ import sys
 
 from . import __version__
 from .commands import MODULES
+from .devices import resolve_device
 from .errors import BenchError
 
 
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "device", None) is not None:
+            args.device = resolve_device(args.device)
         return int(args.func(args) or 0)
     except BenchError as exc:
         print(f"iwmf-bench: error: {exc}", file=sys.stderr)

@@ -30,6 +30,7 @@ from . import __version__, metrics, registry
 from .attacks.adaptive import evaluate
 from .attacks.base import AttackTask, make_generator
 from .data import load_folder, quantize
+from .devices import resolve_device
 from .errors import BenchError, WeightsError
 from .suite import SUITE_KEYS, Cell
 
@@ -285,6 +286,7 @@ def run_cell(cell: Cell | dict, results_root: str | Path | None, stage: Callable
                               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     start = time.perf_counter()
     try:
+        resolve_device(cell.device)  # a clear error on a machine without that device
         if (missing := cell.missing_requirement) is not None:
             record.update(status="skipped", reason="; ".join([missing, *_missing_weights(cell)]))
         else:

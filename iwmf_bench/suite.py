@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from . import __version__
+from .devices import resolve_device
 from .errors import BenchError
 
 SETTINGS = ("transfer", "adaptive")
@@ -92,10 +93,7 @@ class Suite:
             if unknown:
                 raise BenchError(f"{self.path}: no {what} named {', '.join(unknown)} in the suite "
                                  f"(has: {', '.join(known)})")
-        device = self.device
-        if device == "auto":
-            import torch
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(self.device, check_available=False)  # checked where each cell runs
         out = []
         for m, m_opts in self.models.items():
             for d, d_opts in self.defenses.items():

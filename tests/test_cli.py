@@ -121,3 +121,17 @@ def test_defense_options_reach_the_defense(shared_imgs, tmp_path):
     assert r.returncode == 2 and "does not take 'timestep'" in r.stderr and "timesteps" in r.stderr
     r = cli(*base, "-D", "timesteps", "--output", tmp_path / "d")
     assert r.returncode == 2 and "KEY=VALUE" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_or_missing_device_is_one_clean_line(shared_imgs, tmp_path):
+    import torch
+
+    cases = {"gpu": "unknown device 'gpu'", "meta": "unknown device 'meta'"}
+    if not torch.cuda.is_available():
+        cases["cuda"] = "torch sees no CUDA GPU"
+    for device, message in cases.items():
+        r = cli("purify", "--defense", "iwmf", "--device", device, "--input", shared_imgs / "source",
+                "--output", tmp_path / device)
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
+        assert not (tmp_path / device).exists()

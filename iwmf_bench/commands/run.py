@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..devices import resolve_device
 from ..errors import BenchError
 from ..suite import load_suite, parse_shard, validate
 
@@ -58,6 +59,8 @@ def run(args) -> int:
     cells = suite.cells(*filters, shard=shard)
     if not cells:
         raise BenchError("no cells selected")
+    if args.executor == "local":  # on Ray the workers' devices count, checked per cell
+        resolve_device(cells[0].device)
     records = run_cells(cells, args.results, args.executor, args.ray_address, progress=not args.no_progress)
     summary = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "error")}
     print(f"{len(records)} cells: {summary['ok']} ok, {summary['skipped']} skipped, {summary['error']} errors "
