@@ -277,13 +277,12 @@ def align_folder(input_dir: str | Path, output_dir: str | Path, model: str, devi
     that cannot be read is reported on stderr and skipped. Prints a summary and returns
     the number of images that failed.
     """
-    from .data import list_images, read_image, save_images
+    from .data import check_output_folder, list_images, read_image, save_images
 
     spec = get_spec(model)
     entries = list_images(input_dir)
     out_dir = Path(output_dir)
-    if out_dir.resolve() == Path(input_dir).resolve():
-        raise DataError(f"{out_dir}: output folder must differ from the input folder")
+    check_output_folder(out_dir, input_dir)
     failed = 0
     chunk = 32
     for start in range(0, len(entries), chunk):

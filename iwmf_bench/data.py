@@ -111,6 +111,16 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
     return images.detach().clamp(0, 1).mul(255).round().div(255)
 
 
+def check_output_folder(output: str | Path, *inputs: str | Path) -> None:
+    """Refuse an output folder that is one of the input folders: writing there would
+    overwrite (or mix with) the images being read."""
+    out = Path(output).resolve()
+    for folder in inputs:
+        if out == Path(folder).resolve():
+            raise DataError(f"{output}: the output folder is the input folder {folder}; "
+                            "writing there would overwrite the inputs; choose another --output")
+
+
 def save_images(images: torch.Tensor, names: Sequence[str], out_dir: str | Path) -> list[Path]:
     """Save a [0,1] NCHW batch losslessly as PNG, keeping the names' stems."""
     if len(names) != images.shape[0]:

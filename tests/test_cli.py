@@ -135,3 +135,17 @@ def test_bad_or_missing_device_is_one_clean_line(shared_imgs, tmp_path):
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
         assert not (tmp_path / device).exists()
+
+
+def test_output_folder_that_is_an_input_is_refused(shared_imgs, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(shared_imgs / "source", src)
+    before = digest(src)
+    for args in (("purify", "--defense", "iwmf", "--input", src, "--output", src),
+                 ("purify", "--defense", "iwmf", "--input", src, "--output", tmp_path / "." / "src"),
+                 ("attack", "--attack", "apgd", "--model", "dlib-resnet", "--sources", src,
+                  "--targets", shared_imgs / "target", "--output", src),
+                 ("align", "--model", "dlib-resnet", "--input", src, "--output", src)):
+        r = cli(*args)
+        assert r.returncode == 2 and "the output folder is the input folder" in r.stderr, r.stderr
+    assert digest(src) == before  # nothing was overwritten

@@ -19,7 +19,7 @@ import torch
 from .. import registry
 from ..attacks.adaptive import evaluate
 from ..attacks.base import AttackTask
-from ..data import load_folder, read_image, save_images
+from ..data import check_output_folder, load_folder, read_image, save_images
 from ..errors import BenchError
 from .purify import add_defense_options, build_defense, defense_kwargs
 
@@ -89,6 +89,7 @@ def _check_options(args) -> None:
 
 def run(args) -> int:
     _check_options(args)
+    check_output_folder(args.output, args.sources, args.targets)
     entry = registry.get("attacks", args.attack)
     kwargs = attack_kwargs(args, entry.factory)
     try:

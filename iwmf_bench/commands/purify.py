@@ -9,7 +9,7 @@ import yaml
 from tqdm import tqdm
 
 from .. import registry
-from ..data import load_folder, save_images
+from ..data import check_output_folder, load_folder, save_images
 from ..errors import BenchError
 
 
@@ -77,6 +77,7 @@ def build_defense(args):
 
 
 def run(args) -> int:
+    check_output_folder(args.output, args.input)
     defense = build_defense(args)
     data = load_folder(args.input)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
