@@ -122,6 +122,13 @@ def accepted_options(factory: Callable[..., Any]) -> tuple[str, ...] | None:
     return tuple(n for n, p in params.items() if p.kind != p.VAR_POSITIONAL)
 
 
+def unknown_options(factory: Callable[..., Any], names: Any) -> tuple[list[str], tuple[str, ...] | None]:
+    """The ``names`` (in their order) that ``factory`` does not accept, and what it accepts;
+    nothing is unknown when the factory cannot be introspected (see :func:`accepted_options`)."""
+    accepted = accepted_options(factory)
+    return ([n for n in names if n not in accepted] if accepted is not None else []), accepted
+
+
 def create(kind: str, name: str, **kwargs: Any) -> Any:
     """Build a registered object: ``create('defenses', 'iwmf', lambda_0=0.25)``."""
     return get(kind, name).factory(**kwargs)

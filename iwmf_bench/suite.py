@@ -111,10 +111,9 @@ class Suite:
 
 def _check_options(path: Path, what: str, label: str, factory: Any, options: dict) -> None:
     """Unknown option names (typos) fail before anything runs, naming what is accepted."""
-    from .registry import accepted_options
+    from .registry import unknown_options
 
-    accepted = accepted_options(factory)
-    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+    unknown, accepted = unknown_options(factory, sorted(options))
     if unknown:
         raise BenchError(f"{path}: {what}.{label}: unknown option(s) {', '.join(unknown)} "
                          f"(accepted: {', '.join(accepted)})")

@@ -81,8 +81,8 @@ def _check_options(args) -> None:
         for option, value in (("--grad-mode", args.grad_mode), ("--eot", args.eot)):
             if value is not None:
                 raise BenchError(f"{option} only applies with --adaptive (the defense in the attack's loop)")
-    if not args.defense and defense_kwargs(args):
-        raise BenchError(f"defense options ({', '.join(defense_kwargs(args))}) need a --defense to apply to")
+    if not args.defense and (options := defense_kwargs(args)):
+        raise BenchError(f"defense options ({', '.join(options)}) need a --defense to apply to")
     if args.n_draws < 1:
         raise BenchError(f"--n-draws must be >= 1, got {args.n_draws}")
 

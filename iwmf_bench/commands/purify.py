@@ -64,8 +64,7 @@ def build_defense(args):
     in eval mode; options it does not take are an error that lists the ones it does."""
     entry = registry.get("defenses", args.defense)
     kwargs = defense_kwargs(args)
-    params = registry.accepted_options(entry.factory)
-    unknown = [k for k in kwargs if params is not None and k not in params]
+    unknown, params = registry.unknown_options(entry.factory, kwargs)
     if unknown:
         raise BenchError(f"defense {args.defense!r} does not take {', '.join(map(repr, unknown))} "
                          f"(it takes: {', '.join(params)})")
