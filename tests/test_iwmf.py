@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from iwmf_bench import get_defense
-from iwmf_bench.defenses.iwmf import IWMF, dependency_levels, draw_centres, iwmf, iwmf_apply
+from iwmf_bench.defenses.iwmf import (IWMF, _apply_by_levels_autograd, _top_left, _Windows, _WindowSequence,
+                                     dependency_levels, draw_centres, iwmf, iwmf_apply)
 from iwmf_bench.errors import BenchError
 
 
@@ -66,11 +67,80 @@ def test_window_mean_is_written_per_channel():
     assert torch.equal(out[0, 2], torch.full((3, 3), 0.5, dtype=torch.float64))
 
 
-def test_gradcheck_exact_gradients():
+def windows_applied(centres, x, s, compiled):
+    """iwmf_apply's autograd Function with the schedule forced: the compiled kernel (CPU
+    default) or the dependency levels (GPU default, run here on CPU)."""
+    tl = _top_left(centres, x.shape[0], x.shape[2], x.shape[3], s)
+    windows = _Windows(tl, s, tuple(x.shape), x.device, x.dtype, compiled=compiled)
+    return _WindowSequence.apply(x, windows, False)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_gradcheck_and_gradgradcheck(compiled):
+    # The backward is the same linear map on reversed windows, differentiable in turn.
     g = torch.Generator().manual_seed(3)
     x = torch.rand(2, 3, 8, 7, dtype=torch.float64, generator=g, requires_grad=True)
     centres = draw_centres(2, 8, 7, 40, 3, g)
+    fn = lambda t: windows_applied(centres, t, 3, compiled)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradgradcheck(fn, (x,), eps=1e-6, atol=1e-8)
     assert torch.autograd.gradcheck(lambda t: iwmf_apply(t, centres, 3), (x,), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])  # a few ulp
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("s", [2, 3, 5])
+def test_gradients_equal_dependency_level_autograd(dtype, tol, shared, s):
+    # Reference: autograd through the differentiable dependency-level gathers/scatters
+    # (the previous implementation). Ours: the kernel run on the reversed windows.
+    g = torch.Generator().manual_seed(10 + s)
+    x = torch.rand(3, 3, 29, 26, generator=g).to(dtype).requires_grad_(True)
+    centres = draw_centres(3, 29, 26, int(0.5 * 29 * 26), s, g, shared=shared)
+    v = torch.randn(3, 3, 29, 26, generator=g).to(dtype)
+    tl = _top_left(centres, 3, 29, 26, s)
+    (want,) = torch.autograd.grad(_apply_by_levels_autograd(x, tl, s), x, v)
+    for compiled in (True, False):
+        (got,) = torch.autograd.grad(windows_applied(centres, x, s, compiled), x, v)
+        assert got.dtype == dtype
+        assert (got - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+    (got,) = torch.autograd.grad(iwmf_apply(x, centres, s), x, v)
+    assert (got - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+    # The forward of the differentiable path is the inference result, bit for bit.
+    assert torch.equal(iwmf_apply(x, centres, s).detach(), iwmf_apply(x.detach(), centres, s))
+
+
+def test_inputs_and_incoming_gradients_are_not_modified():
+    # The kernel writes in place into numpy memory: it must only ever see private copies,
+    # also for channels-last inputs and expanded (stride-0) or transposed gradients.
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(2, 3, 12, 12, generator=g, dtype=torch.float64).to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    x_before = x.detach().clone()
+    centres = draw_centres(2, 12, 12, 60, 3, g)
+    tl = _top_left(centres, 2, 12, 12, 3)
+    out = iwmf_apply(x, centres, 3)
+    assert torch.equal(x.detach(), x_before)
+    assert torch.allclose(out, reference_iwmf(x_before, centres, 3), atol=1e-12, rtol=0)
+    v = torch.randn(2, 3, 12, 12, generator=g, dtype=torch.float64).transpose(2, 3)
+    v_before = v.clone()
+    (got,) = torch.autograd.grad(out, x, v, retain_graph=True)
+    assert torch.equal(v, v_before)
+    (want,) = torch.autograd.grad(_apply_by_levels_autograd(x, tl, 3), x, v)
+    assert torch.allclose(got, want, atol=1e-13, rtol=0)
+    out.sum().backward()  # incoming gradient: ones expanded with stride 0
+    assert torch.equal(x.detach(), x_before) and torch.allclose(x.grad, torch.ones_like(x))
+
+
+def test_double_backward_is_the_forward_map_again():
+    # d/dv <A^T v, w> = A w: differentiating the backward applies the windows in order.
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(2, 3, 10, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    centres = draw_centres(2, 10, 9, 50, 3, g)
+    v = torch.randn(2, 3, 10, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 10, 9, generator=g, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(iwmf_apply(x, centres, 3), x, v, create_graph=True)
+    (gv,) = torch.autograd.grad((gx * w).sum(), v)
+    assert torch.allclose(gv, reference_iwmf(w, centres, 3), atol=1e-13, rtol=0)
 
 
 def test_autograd_gradient_equals_linear_operator():
@@ -167,3 +237,9 @@ def test_cuda_matches_cpu():
     centres = draw_centres(4, 40, 40, 400, 3, g)
     got = iwmf_apply(x.cuda(), centres, 3).cpu()
     assert (got - reference_iwmf(x, centres, 3)).abs().max().item() <= 1e-6
+    v = torch.randn(4, 3, 40, 40, generator=g)
+    xc = x.cuda().requires_grad_(True)
+    (got,) = torch.autograd.grad(iwmf_apply(xc, centres, 3), xc, v.cuda())
+    xr = x.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(iwmf_apply(xr, centres, 3), xr, v)
+    assert (got.cpu() - want).abs().max().item() <= 2e-6 * want.abs().max().item()

@@ -18,9 +18,15 @@ its ``(2s-1) x (2s-1)`` neighbourhood of positions, which is a scatter-min over
 positions followed by a min-pool. The number of rounds is the depth of the dependency
 graph (about 10-20 for lambda_0 <= 0.5, s = 3), not the number of windows.
 
-Gradients. For fixed centres the filter is linear in the image, and the implementation
-is built from differentiable gathers and out-of-place scatters, so autograd gives the
-exact gradient.
+On CPU (float32/float64) the sequential definition itself, compiled with numba, is
+faster still and is what runs; the levels serve the GPU (and half precision).
+
+Gradients. For fixed centres the filter is linear, ``A = W_n ... W_1``, and each window
+map ``W_k`` (set the window to its mean) is a symmetric projection, so the adjoint is
+``A^T = W_1 ... W_n``: the same windows in reverse order. A custom autograd Function
+runs the forward kernel on the incoming gradient with the windows reversed (on GPU, the
+levels in reverse), so forward plus backward costs about two forwards, and the backward
+is differentiable again (double backward).
 """
 
 from __future__ import annotations
@@ -156,41 +162,107 @@ def dependency_levels(centres: torch.Tensor, height: int, width: int, s: int) ->
     return torch.from_numpy(_scan_levels(_top_left(centres, batch, height, width, s), height, width, s))
 
 
+def _level_groups(tl: np.ndarray, shape: tuple[int, ...], s: int, device: torch.device) -> list[torch.Tensor]:
+    """Flat NCHW pixel indices of each dependency level's windows, in level order."""
+    _, channels, height, width = shape
+    levels = _scan_levels(tl, height, width, s)
+    index, counts = _gather_indices(tl, levels, channels, height, width, s)
+    return list(torch.from_numpy(index).to(device).split((counts * channels * s * s).tolist()))
+
+
+def _mean_level(flat: torch.Tensor, idx: torch.Tensor, area: int) -> torch.Tensor:
+    """The per-(window, channel) means of one level's disjoint windows, one per pixel."""
+    m = idx.numel() // area
+    return flat.index_select(0, idx).view(m, area).mean(dim=1, keepdim=True).expand(m, area).reshape(-1)
+
+
+def _apply_by_levels_autograd(x: torch.Tensor, tl: np.ndarray, s: int) -> torch.Tensor:
+    """The dependency-level schedule built from differentiable gathers and out-of-place
+    scatters, so autograd records every level (slow backward). Kept as the independent
+    reference for the gradients of :class:`_WindowSequence` (tests)."""
+    flat = x.reshape(-1)
+    for idx in _level_groups(tl, tuple(x.shape), s, x.device):
+        flat = flat.index_put((idx,), _mean_level(flat, idx, s * s))
+    return flat.view(x.shape)
+
+
+class _Windows:
+    """One window sequence bound to an image shape, applicable forwards or backwards.
+
+    Forwards is the filter ``A = W_n ... W_1``. Every window map ``W_k`` (replace the
+    window's pixels by their mean) is an orthogonal projection, hence symmetric, so
+    ``A^T = W_1 ... W_n``: the same windows in reverse order. That is the whole backward.
+    """
+
+    def __init__(self, tl: np.ndarray, s: int, shape: tuple[int, ...], device: torch.device,
+                 dtype: torch.dtype, compiled: bool | None = None):
+        self.tl, self.s, self.shape = tl, s, shape
+        # CPU float32/float64: the sequential definition, compiled, beats any schedule.
+        # Elsewhere (GPU, half precision): dependency levels, one gather/scatter each.
+        # (``compiled=False`` forces the levels on CPU: tests check the GPU schedule there.)
+        if compiled is None:
+            compiled = device.type == "cpu" and dtype in (torch.float32, torch.float64)
+        self.compiled = compiled
+        self.device = device
+        self._tl_reversed: np.ndarray | None = None
+        self._groups: list[torch.Tensor] | None = None
+
+    def apply(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """``A x`` (or ``A^T x`` when ``reverse``) without autograd; ``x`` is untouched."""
+        # A fresh C-contiguous copy: the kernels write in place and index NCHW memory.
+        out = x.detach().clone(memory_format=torch.contiguous_format)
+        if self.compiled:
+            if reverse and self._tl_reversed is None:
+                self._tl_reversed = np.ascontiguousarray(self.tl[:, ::-1])
+            _apply_in_order(out.numpy(), self._tl_reversed if reverse else self.tl, self.s)
+            return out
+        if self._groups is None:
+            self._groups = _level_groups(self.tl, self.shape, self.s, self.device)
+        flat = out.view(-1)
+        for idx in (reversed(self._groups) if reverse else self._groups):
+            # Disjoint windows commute, so a level is one symmetric map: A^T runs the
+            # same levels in reverse order.
+            flat.index_put_((idx,), _mean_level(flat, idx, self.s * self.s))
+        return out
+
+
+class _WindowSequence(torch.autograd.Function):
+    """``A x`` with backward ``A^T g``: the same fast kernel on the windows reversed.
+
+    The backward calls this Function again (with the direction flipped), so it is itself
+    differentiable: double backward (``create_graph=True``, Hessian-vector products) works.
+    """
+
+    @staticmethod
+    def forward(ctx, x, windows, reverse):
+        ctx.windows, ctx.reverse = windows, reverse
+        return windows.apply(x, reverse)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return _WindowSequence.apply(grad, ctx.windows, not ctx.reverse), None, None
+
+
 def iwmf_apply(x: torch.Tensor, centres: torch.Tensor, s: int = 3) -> torch.Tensor:
     """Apply an explicit window sequence to ``x`` (NCHW).
 
     ``centres``: integer tensor ``(n, 2)`` shared by the batch or ``(B, n, 2)`` one
     sequence per image, in application order. Equals applying the windows one by one.
-    Differentiable (exact gradients); ``x`` is not modified.
+    Differentiable (exact gradients, computed by the same kernel on the windows in
+    reverse order, so a backward costs about one forward); ``x`` is not modified.
     """
     if x.dim() != 4:
         raise BenchError(f"iwmf expects a 4-D NCHW batch, got shape {tuple(x.shape)}")
-    batch, channels, height, width = x.shape
+    batch, _, height, width = x.shape
     tl = _top_left(centres, batch, height, width, s)
     if tl.shape[1] == 0 or batch == 0:
         return x.clone()
-    track = x.requires_grad and torch.is_grad_enabled()
-    if x.device.type == "cpu" and not track and x.dtype in (torch.float32, torch.float64):
-        # Inference on CPU: the sequential definition, compiled, beats any schedule.
-        out = x.detach().clone(memory_format=torch.contiguous_format)
-        _apply_in_order(out.numpy(), tl, s)
-        return out
-    # Autograd or GPU: apply dependency levels with differentiable gathers/scatters.
-    levels = _scan_levels(tl, height, width, s)
-    index, counts = _gather_indices(tl, levels, channels, height, width, s)
-    area = s * s
-    groups = torch.from_numpy(index).to(x.device).split((counts * channels * area).tolist())
-    flat = x.reshape(-1) if track else x.reshape(-1).clone()
-    for idx in groups:
-        # One level: disjoint windows, so gather all, average per (window, channel), scatter.
-        m = idx.numel() // area
-        means = flat.index_select(0, idx).view(m, area).mean(dim=1, keepdim=True)
-        values = means.expand(m, area).reshape(-1)
-        if track:
-            flat = flat.index_put((idx,), values)
-        else:
-            flat.index_put_((idx,), values)
-    return flat.view(batch, channels, height, width)
+    windows = _Windows(tl, s, tuple(x.shape), x.device, x.dtype)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _WindowSequence.apply(x, windows, False)
+    return windows.apply(x)
 
 
 def iwmf(x: torch.Tensor, lambda_0: float, s: int = 3, generator: torch.Generator | None = None,
