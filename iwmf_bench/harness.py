@@ -307,6 +307,31 @@ def run_cell(cell: Cell | dict, results_root: str | Path | None, stage: Callable
 # -- executors ---------------------------------------------------------------------------
 
 
+def predict_skips(cells: list[Cell]) -> set[str]:
+    """Keys of the cells that will come back ``skipped`` here (a requirement this machine
+    lacks, or a model/defense whose weights are missing), found by building each distinct
+    model and defense once. Lets the local executor report them first and size its
+    progress bar (and ETA) to the cells it will actually compute."""
+    verdicts: dict[str, bool] = {}
+
+    def buildable(kind: str, build: Callable[[Cell], Any], cell: Cell, options: dict) -> bool:
+        ident = kind + json.dumps(options, sort_keys=True, default=str) + cell.device
+        if ident not in verdicts:
+            try:
+                build(cell)
+                verdicts[ident] = True
+            except WeightsError:
+                verdicts[ident] = False
+            except Exception:  # any other failure surfaces (with its message) when the cell runs
+                verdicts[ident] = True
+        return verdicts[ident]
+
+    return {c.key for c in cells
+            if c.missing_requirement is not None
+            or not buildable(c.model, build_model, c, c.model_options)
+            or not buildable("defense", build_defense, c, c.defense_options)}
+
+
 def run_cells(cells: list[Cell], results_root: str | Path, executor: str = "local",
               ray_address: str | None = None, progress: bool = True) -> list[dict]:
     """Run ``cells`` (reusing cached ones) and return their records in order."""
@@ -319,9 +344,15 @@ def run_cells(cells: list[Cell], results_root: str | Path, executor: str = "loca
             records[cell.key] = cached
         else:
             todo.append(cell)
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="suite", unit="cell",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    bar.set_postfix_str(f"{len(cells) - len(todo)} cached")
+    skips = predict_skips(todo) if executor == "local" else set()
+    skipped = [c for c in todo if c.key in skips]
+    todo = [c for c in todo if c.key not in skips]
+    bar = tqdm(total=len(cells) - len(skipped), initial=len(cells) - len(skipped) - len(todo), desc="suite",
+               unit="cell", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar.set_postfix_str(f"{bar.n} cached, {len(skipped)} skipped")
+    for cell in skipped:  # reported up front, outside the bar's rate and ETA
+        records[cell.key] = run_cell(cell, results_root)
+        _report(records[cell.key], bar)
     if executor == "local":
         for cell in todo:
             bar.set_description(f"suite [{cell.name}]")

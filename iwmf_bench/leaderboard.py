@@ -42,6 +42,8 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
     for m in models:
         headers = ["defense", "FRR genuine %"] + [f"FAR {t} %" for t in threats] + ["s/img"]
         rows, raw = [], []
+        # Cells whose adaptive attack falls below transfer: marked "(!)", explained in the notes.
+        suspicious = {(d, t) for d, t, _ in adaptive_below_transfer([by[k] for k in by if k[0] == m])}
         reasons: dict[str, list[str]] = {}  # one note per distinct reason, naming the cells
         for d in defenses:
             cells = [by.get((m, d, t)) for t in threats]
@@ -54,7 +56,7 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
                 if c is None:
                     row.append("")
                 elif c["status"] == "ok":
-                    row.append(_pct(c["metrics"]["far"]))
+                    row.append(_pct(c["metrics"]["far"]) + (" (!)" if (d, t) in suspicious else ""))
                     raw_row["far"][t] = c["metrics"]["far"]
                 else:
                     row.append(c["status"])
@@ -88,22 +90,50 @@ def sanity_notes(records: list[dict]) -> list[str]:
             notes.append(f"sanity ({r['cell']['defense']}/{r['cell']['threat']}): attack flagged "
                          f"{', '.join(raised)}")
 
-    def kind(r):
-        t = r["cell"]["threat_options"]
-        return t.get("attack"), t.get("setting"), t.get("norm", "Linf")
-
     for black in ok:
-        attack, setting, norm = kind(black)
+        attack, setting, norm = _kind(black)
         if attack != "square":
             continue
         for white in ok:
-            if kind(white) == ("apgd", setting, norm) and white["cell"]["defense"] == black["cell"]["defense"]:
+            if _kind(white) == ("apgd", setting, norm) and white["cell"]["defense"] == black["cell"]["defense"]:
                 b, w = black["metrics"]["far"], white["metrics"]["far"]
                 if blackbox_beats_whitebox(Rate(b["k"], b["n"]), Rate(w["k"], w["n"])):
                     notes.append(f"sanity ({black['cell']['defense']}): black-box {black['cell']['threat']} "
                                  f"({100 * b['value']:.1f}%) beats white-box {white['cell']['threat']} "
                                  f"({100 * w['value']:.1f}%): check the white-box attack or gradient masking")
+    notes += [text for _, _, text in adaptive_below_transfer(ok)]
     return notes
+
+
+def _kind(record: dict) -> tuple:
+    t = record["cell"]["threat_options"]
+    return t.get("attack"), t.get("setting"), t.get("norm", "Linf")
+
+
+def adaptive_below_transfer(records: list[dict]) -> list[tuple[str, str, str]]:
+    """An adaptive attack knows everything a transfer attack knows (and sees the defense),
+    so on the same defense it should do at least as well. When its FAR is below the
+    transfer FAR of the same attack and norm, with disjoint 95% intervals, the gradients it
+    follows through the defense are broken or obfuscated. Returns (defense, adaptive
+    threat, note) for each such cell."""
+    ok = [r for r in records if r["status"] == "ok"]
+    flagged = []
+    for adaptive in ok:
+        attack, setting, norm = _kind(adaptive)
+        if setting != "adaptive":
+            continue
+        for transfer in ok:
+            defense = adaptive["cell"]["defense"]
+            if _kind(transfer) != (attack, "transfer", norm) or transfer["cell"]["defense"] != defense \
+                    or transfer["cell"]["threat_options"].get("surrogate"):  # cross-model: another question
+                continue
+            a, t = adaptive["metrics"]["far"], transfer["metrics"]["far"]
+            if a["ci95"][1] < t["ci95"][0]:
+                flagged.append((defense, adaptive["cell"]["threat"],
+                                f"sanity ({defense}): adaptive {adaptive['cell']['threat']} ({100 * a['value']:.1f}%) "
+                                f"is below transfer {transfer['cell']['threat']} ({100 * t['value']:.1f}%) beyond the "
+                                "95% intervals: gradients through the defense are broken or obfuscated"))
+    return flagged
 
 
 def render(suite: Suite, records: list[dict], out_dir: str | Path) -> list[Path]:
