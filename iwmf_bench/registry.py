@@ -23,6 +23,7 @@ GROUPS = {
     "defenses": "iwmf_bench.defenses",
     "attacks": "iwmf_bench.attacks",
     "models": "iwmf_bench.models",
+    "datasets": "iwmf_bench.datasets",
 }
 
 

@@ -11,6 +11,7 @@ MODULES = [
     "fetch",
     "align",
     "eval_cmd",
+    "calibrate",
     "run",
     "leaderboard",
 ]
