@@ -167,25 +167,44 @@ def warp_affine(image: torch.Tensor, matrix: np.ndarray, size: int) -> torch.Ten
     pixel centres at integers. Bilinear, zeros outside; antialiased when shrinking.
     Differentiable with respect to ``image``.
     """
-    a = np.asarray(matrix, dtype=np.float64).copy()
-    img = image.unsqueeze(0)
-    h, w = img.shape[-2:]
-    scale = float(np.sqrt(abs(np.linalg.det(a[:, :2]))))  # input pixels per output pixel
-    if scale > 1.0:
-        nh, nw = max(1, round(h / scale)), max(1, round(w / scale))
-        img = F.interpolate(img, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-        fx, fy = nw / w, nh / h  # x' = (x + 0.5) * f - 0.5
-        a = np.array([[fx, 0.0, 0.5 * fx - 0.5], [0.0, fy, 0.5 * fy - 0.5]]) @ np.vstack([a, [0, 0, 1]])
-        h, w = nh, nw
-    coords = torch.arange(size, dtype=torch.float64)
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    at = torch.as_tensor(a)
-    sx = at[0, 0] * xx + at[0, 1] * yy + at[0, 2]
-    sy = at[1, 0] * xx + at[1, 1] * yy + at[1, 2]
-    grid = torch.stack([(2 * sx + 1) / w - 1, (2 * sy + 1) / h - 1], dim=-1)
-    grid = grid.to(dtype=img.dtype, device=img.device).unsqueeze(0)
-    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out[0].clamp(0, 1)
+    return apply_warp(image.unsqueeze(0), WarpPlan.build(matrix, *image.shape[-2:], size))[0]
+
+
+@dataclass(frozen=True)
+class WarpPlan:
+    """:func:`warp_affine` for one image size and matrix, precomputed, so the same fixed
+    warp can be applied again to perturbed copies of the image (the cross-model attack
+    space, :mod:`iwmf_bench.cross_model`): the antialiased downsampling size (None: no
+    shrinking) and the ``grid_sample`` grid (1, size, size, 2; float64)."""
+
+    downsample: tuple[int, int] | None
+    grid: torch.Tensor
+
+    @classmethod
+    def build(cls, matrix: np.ndarray, h: int, w: int, size: int) -> "WarpPlan":
+        a = np.asarray(matrix, dtype=np.float64).copy()
+        downsample = None
+        scale = float(np.sqrt(abs(np.linalg.det(a[:, :2]))))  # input pixels per output pixel
+        if scale > 1.0:
+            nh, nw = max(1, round(h / scale)), max(1, round(w / scale))
+            fx, fy = nw / w, nh / h  # x' = (x + 0.5) * f - 0.5
+            a = np.array([[fx, 0.0, 0.5 * fx - 0.5], [0.0, fy, 0.5 * fy - 0.5]]) @ np.vstack([a, [0, 0, 1]])
+            downsample, (h, w) = (nh, nw), (nh, nw)
+        coords = torch.arange(size, dtype=torch.float64)
+        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+        at = torch.as_tensor(a)
+        sx = at[0, 0] * xx + at[0, 1] * yy + at[0, 2]
+        sy = at[1, 0] * xx + at[1, 1] * yy + at[1, 2]
+        return cls(downsample, torch.stack([(2 * sx + 1) / w - 1, (2 * sy + 1) / h - 1], dim=-1).unsqueeze(0))
+
+
+def apply_warp(images: torch.Tensor, plan: WarpPlan) -> torch.Tensor:
+    """Warp a (B, 3, H, W) batch of images of the plan's size with the plan (differentiable)."""
+    if plan.downsample is not None:
+        images = F.interpolate(images, size=plan.downsample, mode="bilinear", align_corners=False, antialias=True)
+    grid = plan.grid.to(dtype=images.dtype, device=images.device).expand(images.shape[0], -1, -1, -1)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.clamp(0, 1)
 
 
 # --- detection ---------------------------------------------------------------------------

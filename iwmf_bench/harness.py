@@ -32,7 +32,7 @@ from .attacks.base import AttackTask, make_generator
 from .data import load_folder, quantize
 from .devices import resolve_device
 from .errors import BenchError, WeightsError
-from .suite import SUITE_KEYS, Cell
+from .suite import SUITE_KEYS, SURROGATE_KEYS, Cell
 
 # -- result cache ----------------------------------------------------------------------
 
@@ -155,7 +155,7 @@ def build_defense(cell: Cell):
 
 
 def build_attack(cell: Cell):
-    opts = dict(cell.threat_options)
+    opts = {k: v for k, v in cell.threat_options.items() if k not in SURROGATE_KEYS}
     name, _ = opts.pop("attack"), opts.pop("setting", None)
     return registry.create("attacks", name, **opts)
 
@@ -232,6 +232,12 @@ def compute_cell(cell: Cell, results_root: Path | None = None, stage: Callable[[
     info: dict[str, Any] = {}
     if cell.setting is None:
         adv = sources
+    elif cell.setting == "transfer" and "surrogate" in cell.threat_options:
+        from .cross_model import transfer_from_surrogate
+
+        # adv: photos crafted on the surrogate; the model sees them through its own alignment
+        # warp, then the defense (on the aligned crop), so `defense` becomes that photo-space view.
+        adv, info, defense = transfer_from_surrogate(cell, defense, results_root)
     elif cell.setting == "transfer":
         adv, info = transfer_adversarial(cell, model, data, results_root)
     else:

@@ -25,6 +25,9 @@ SETTINGS = ("transfer", "adaptive")
 # Suite-level keys of a model or defense entry (not passed to its factory).
 REQUIRES = ("cuda",)  # ``requires: cuda``: skip the entry's cells on a machine without a GPU
 SUITE_KEYS = ("defense", "requires")
+# Threat-model keys of the transfer-from-surrogate setting (iwmf_bench.cross_model), not
+# passed to the attack; the last two are filled in at load from the suite's entries.
+SURROGATE_KEYS = ("surrogate", "surrogate_defense", "surrogate_options", "surrogate_defense_options")
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,12 @@ class Cell:
     @property
     def missing_requirement(self) -> str | None:
         """Why this cell cannot run on its device (None: it can)."""
+        t = self.threat_options
         for what, label, opts in (("model", self.model, self.model_options),
-                                  ("defense", self.defense, self.defense_options)):
+                                  ("defense", self.defense, self.defense_options),
+                                  ("surrogate", t.get("surrogate"), t.get("surrogate_options") or {}),
+                                  ("surrogate defense", t.get("surrogate_defense"),
+                                   t.get("surrogate_defense_options") or {})):
             if opts.get("requires") == "cuda" and not self.device.startswith("cuda"):
                 return (f"{what} {label!r} needs a CUDA GPU ('requires: cuda' in the suite: far too slow on "
                         f"{self.device}); run the suite on a GPU machine, or delete that line to run it on "
@@ -132,7 +139,7 @@ def validate(suite: "Suite") -> None:
     for label, opts in suite.threat_models.items():
         if opts["attack"] is None:
             continue
-        rest = {k: v for k, v in opts.items() if k not in ("attack", "setting")}
+        rest = {k: v for k, v in opts.items() if k not in ("attack", "setting", *SURROGATE_KEYS)}
         _check_options(suite.path, "threat_models", label, registry.get("attacks", opts["attack"]).factory, rest)
 
 
@@ -198,6 +205,11 @@ def load_suite(path: str | Path) -> Suite:
     for key in ("sources", "targets"):
         if key not in data:
             raise BenchError(f"{path}: data.{key} is required")
+    for label, opts in threats.items():
+        if any(key in opts for key in SURROGATE_KEYS):
+            from .cross_model import resolve_surrogate
+
+            resolve_surrogate(path, label, opts, models, defenses, data)
     return Suite(name=str(raw.get("name", path.stem)), path=path, seed=int(raw.get("seed", 0)),
                  device=str(raw.get("device", "auto")), data=data,
                  models=models, defenses=defenses, threat_models=threats,
