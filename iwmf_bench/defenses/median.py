@@ -11,8 +11,9 @@ batches. Xu et al. also report 2x2 windows, whose "centre" is off by half a pixe
 are not offered here.
 
 Gradients. The median selects one input pixel per output pixel, so the filter is
-piecewise linear with a 0/1 Jacobian: ``exact`` backpropagates to the selected pixel
-(``torch.median``'s indices). Ties between equal values send the gradient to one of them.
+piecewise linear with a 0/1 Jacobian: the output is a gather of the selected pixels
+(found by ``torch.median``'s indices), and ``exact`` backpropagates through that gather.
+Ties between equal values send the gradient to one of them.
 
 Memory. The ``k*k`` window values of every pixel are materialized, ``k*k`` times the
 image; planes are processed in chunks of at most about 64 MiB of window values.
@@ -44,18 +45,32 @@ def median_filter(x: torch.Tensor, k: int) -> torch.Tensor:
     if k == 1:
         return x.clone()
     batch, channels, height, width = x.shape
-    pad = k // 2
-    planes = x.reshape(batch * channels, height, width)
-    padded = planes.index_select(1, reflect_index(height, pad, x.device)) \
-                   .index_select(2, reflect_index(width, pad, x.device))
-    per_plane = height * width * k * k * x.element_size()
-    step = max(1, _CHUNK_BYTES // per_plane)
-    out = []
+    planes = x.reshape(batch * channels, height * width)
+    # Find which input pixel each output selects (no autograd: the window copies are big),
+    # then gather those pixels: the backward pass is one scatter-add, not a pass through
+    # the k*k window copies.
+    source = median_sources(planes.detach().reshape(-1, height, width), k)
+    return planes.gather(1, source.view(batch * channels, -1)).view(batch, channels, height, width)
+
+
+@torch.no_grad()
+def median_sources(planes: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat index (``row * W + col``) of the input pixel that is the median of each
+    pixel's ``k x k`` window, for ``(P, H, W)`` planes; shape ``(P, H, W)``."""
+    _, height, width = planes.shape
+    rows = reflect_index(height, k // 2, planes.device)
+    cols = reflect_index(width, k // 2, planes.device)
+    padded = planes.index_select(1, rows).index_select(2, cols)
+    step = max(1, _CHUNK_BYTES // (height * width * k * k * planes.element_size()))
+    picks = []
     for chunk in padded.split(step):
-        # (P, H+2p, W+2p) -> view (P, H, W, k, k) -> copy (P, H, W, k*k) -> median.
+        # (p, H+2r, W+2r) -> view (p, H, W, k, k) -> copy (p, H, W, k*k) -> position in window.
         windows = chunk.unfold(1, k, 1).unfold(2, k, 1).reshape(chunk.shape[0], height, width, k * k)
-        out.append(windows.median(dim=-1).values)
-    return torch.cat(out).view(batch, channels, height, width)
+        picks.append(windows.median(dim=-1).indices)
+    pick = torch.cat(picks)
+    source_row = rows[torch.arange(height, device=planes.device).view(-1, 1) + pick // k]
+    source_col = cols[torch.arange(width, device=planes.device) + pick % k]
+    return source_row * width + source_col
 
 
 class Median(Defense):
