@@ -18,3 +18,8 @@ class DataError(BenchError):
 
 class WeightsError(BenchError):
     """A checkpoint is missing, corrupt or does not match its pinned hash."""
+
+
+class NotApplicableError(BenchError):
+    """The cell's threat model does not apply to its defense (e.g. an exact-gradient attack
+    on a defense that has no exact gradient); the harness reports the cell as ``n/a``."""

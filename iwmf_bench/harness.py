@@ -31,7 +31,7 @@ from .attacks.adaptive import evaluate
 from .attacks.base import AttackTask, make_generator
 from .data import load_folder, quantize
 from .devices import resolve_device
-from .errors import BenchError, WeightsError
+from .errors import BenchError, NotApplicableError, WeightsError
 from .suite import SUITE_KEYS, SURROGATE_KEYS, Cell
 
 # -- result cache ----------------------------------------------------------------------
@@ -154,6 +154,16 @@ def build_defense(cell: Cell):
     return registry.create("defenses", cell.defense_options["defense"], **opts).to(cell.device).eval()
 
 
+def check_applicable(cell: Cell, defense) -> None:
+    """An adaptive threat model that asks for a gradient mode the defense lacks (exact
+    gradients through bit-depth reduction, say) does not apply: the cell is ``n/a``, and
+    the defense's other gradient modes have their own columns."""
+    mode = cell.threat_options.get("grad_mode")
+    if cell.setting == "adaptive" and mode not in (None, "none") and mode not in defense.grad_modes:
+        raise NotApplicableError(f"not applicable: defense {cell.defense!r} has no {mode!r} gradient "
+                                 f"(its modes: {', '.join(defense.grad_modes)})")
+
+
 def build_attack(cell: Cell):
     opts = {k: v for k, v in cell.threat_options.items() if k not in SURROGATE_KEYS}
     name, _ = opts.pop("attack"), opts.pop("setting", None)
@@ -206,6 +216,7 @@ def compute_cell(cell: Cell, results_root: Path | None = None, stage: Callable[[
     stage("load model")
     model = build_model(cell)
     defense = build_defense(cell)
+    check_applicable(cell, defense)
     data = _data_for(cell, model)
     dev = cell.device
     sources, targets = data["sources"].to(dev), data["targets"].to(dev)
@@ -298,7 +309,7 @@ def run_cell(cell: Cell | dict, results_root: str | Path | None, stage: Callable
         else:
             record["metrics"] = compute_cell(cell, Path(results_root) if results_root else None, stage)
             record["status"] = "ok"
-    except WeightsError as exc:
+    except (WeightsError, NotApplicableError) as exc:
         record.update(status="skipped", reason=str(exc))
     except BenchError as exc:
         record.update(status="error", reason=str(exc))
@@ -318,24 +329,33 @@ def predict_skips(cells: list[Cell]) -> set[str]:
     lacks, or a model/defense whose weights are missing), found by building each distinct
     model and defense once. Lets the local executor report them first and size its
     progress bar (and ETA) to the cells it will actually compute."""
-    verdicts: dict[str, bool] = {}
+    built: dict[str, Any] = {}  # None: missing weights
 
-    def buildable(kind: str, build: Callable[[Cell], Any], cell: Cell, options: dict) -> bool:
+    def build(kind: str, builder: Callable[[Cell], Any], cell: Cell, options: dict) -> Any:
         ident = kind + json.dumps(options, sort_keys=True, default=str) + cell.device
-        if ident not in verdicts:
+        if ident not in built:
             try:
-                build(cell)
-                verdicts[ident] = True
+                built[ident] = builder(cell)
             except WeightsError:
-                verdicts[ident] = False
+                built[ident] = None
             except Exception:  # any other failure surfaces (with its message) when the cell runs
-                verdicts[ident] = True
-        return verdicts[ident]
+                built[ident] = False
+        return built[ident]
 
-    return {c.key for c in cells
-            if c.missing_requirement is not None
-            or not buildable(c.model, build_model, c, c.model_options)
-            or not buildable("defense", build_defense, c, c.defense_options)}
+    def skips(cell: Cell) -> bool:
+        if cell.missing_requirement is not None or build(cell.model, build_model, cell, cell.model_options) is None:
+            return True
+        defense = build("defense", build_defense, cell, cell.defense_options)
+        if defense is None:
+            return True
+        try:
+            if defense is not False:
+                check_applicable(cell, defense)
+        except NotApplicableError:
+            return True
+        return False
+
+    return {c.key for c in cells if skips(c)}
 
 
 def run_cells(cells: list[Cell], results_root: str | Path, executor: str = "local",

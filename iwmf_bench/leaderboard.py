@@ -59,8 +59,9 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
                     row.append(_pct(c["metrics"]["far"]) + (" (!)" if (d, t) in suspicious else ""))
                     raw_row["far"][t] = c["metrics"]["far"]
                 else:
-                    row.append(c["status"])
-                    where = d if c["status"] == "skipped" else f"{d}/{t}"
+                    not_applicable = c.get("reason", "").startswith("not applicable")
+                    row.append("n/a" if not_applicable else c["status"])
+                    where = d if c["status"] == "skipped" and not not_applicable else f"{d}/{t}"
                     cells_with = reasons.setdefault(f"{c['status']}: {c.get('reason', '')}", [])
                     if where not in cells_with:
                         cells_with.append(where)

@@ -337,3 +337,25 @@ evaluation: {{draws: 1}}
     config.write_text(config.read_text().replace("requires: cuda", "requires: tpu"))
     with pytest.raises(BenchError, match=r"defenses.diff-gpu.requires must be one of cuda, got 'tpu'"):
         load_suite(config)
+
+
+def test_adaptive_gradient_mode_a_defense_lacks_is_not_applicable(shared_imgs, tmp_path):
+    from iwmf_bench.harness import predict_skips
+    from iwmf_bench.leaderboard import tables
+
+    cfg = tmp_path / "na.yaml"
+    cfg.write_text(TINY.format(src=shared_imgs / "source", tgt=shared_imgs / "target")
+                   .replace("  iwmf: {defense: iwmf, lambda_0: 0.25}\n  diffpure: {defense: diffpure}\n",
+                            "  bits: {defense: bit-depth, bits: 4}\n")
+                   .replace("apgd: {attack: apgd, setting: transfer, norm: Linf, eps: 0.03, steps: 3}",
+                            "exact: {attack: apgd, setting: adaptive, norm: Linf, eps: 0.03, steps: 2, grad_mode: exact}"))
+    suite = load_suite(cfg)
+    assert {c.name for c in suite.cells() if c.key in predict_skips(suite.cells())} == {"dlib-resnet/bits/exact"}
+    records = {r["name"]: r for r in run_cells(suite.cells(), tmp_path / "r", progress=False)}
+    assert records["dlib-resnet/none/exact"]["status"] == "ok"
+    na = records["dlib-resnet/bits/exact"]
+    assert na["status"] == "skipped" and na["reason"] == ("not applicable: defense 'bits' has no 'exact' gradient "
+                                                          "(its modes: none, bpda)")
+    table = tables(suite, list(records.values()))["dlib-resnet"]
+    assert next(r for r in table["rows"] if r[0] == "bits")[-2] == "n/a"
+    assert any(n.startswith("skipped (bits/exact): not applicable") for n in table["notes"])
