@@ -129,6 +129,10 @@ def prepare_data(sources: str, targets: str, align: bool, pairs: int | None, mod
 
 def _data_for(cell: Cell, model) -> dict[str, Any]:
     d = cell.data
+    if "dataset" in d:  # a dataset plugin instead of two folders
+        from .dataset_suite import prepare
+
+        return prepare(cell, model)
     return prepare_data(str(Path(d["sources"]).resolve()), str(Path(d["targets"]).resolve()),
                         bool(d.get("align", True)), d.get("pairs"), cell.model, model.input_size)
 
@@ -215,6 +219,11 @@ def compute_cell(cell: Cell, results_root: Path | None = None, stage: Callable[[
     """The numbers of one cell (raises on failure; see :func:`run_cell`)."""
     stage("load model")
     model = build_model(cell)
+    threshold_source = None
+    if "threshold" in cell.model_options:  # fixed or calibrated in the suite
+        from .dataset_suite import with_threshold
+
+        model, threshold_source = with_threshold(cell, model)
     defense = build_defense(cell)
     check_applicable(cell, defense)
     data = _data_for(cell, model)
@@ -261,7 +270,7 @@ def compute_cell(cell: Cell, results_root: Path | None = None, stage: Callable[[
     purified_adv = _batched(lambda x: defense.purify(x, gen), quantize(adv), batch)
     frr_adv_true = _cross_identity_frr(_batched(model.embed, purified_adv, batch), source_refs,
                                        data["source_labels"], model.threshold, model.metric)
-    return {
+    out = {
         "far": ev.single_shot.to_dict(),
         "far_worst_of_n": ev.worst_of_n.to_dict(),
         "draws": ev.n_draws,
@@ -273,6 +282,13 @@ def compute_cell(cell: Cell, results_root: Path | None = None, stage: Callable[[
         "pairs": n,
         **info,
     }
+    if "genuine_a" in data:  # dataset suites: genuine pairs, attacker references, clean ROC
+        from .dataset_suite import clean_and_identity_metrics
+
+        out.update(clean_and_identity_metrics(cell, model, defense, data, purified_adv, batch))
+    if threshold_source is not None:
+        out["threshold_source"] = threshold_source
+    return out
 
 
 def _missing_weights(cell: Cell) -> list[str]:

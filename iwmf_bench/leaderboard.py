@@ -16,6 +16,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from .dataset_suite import dataset_notes
 from .harness import write_json_atomic
 from .suite import Suite
 
@@ -71,6 +72,7 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
         notes = [f"{reason.split(': ', 1)[0]} ({', '.join(where)}): {reason.split(': ', 1)[1]}"
                  for reason, where in reasons.items()]
         notes += sanity_notes([by[k] for k in by if k[0] == m])
+        notes += dataset_notes([by[k] for k in by if k[0] == m])  # threshold source, clean ROC (datasets)
         out[m] = {"headers": headers, "rows": rows, "raw": raw, "notes": notes}
     return out
 

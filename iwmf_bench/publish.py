@@ -17,6 +17,9 @@ def publish(suite: Suite, records: list[dict], leaderboards: str | Path, imgs: s
     plot = far_plot(suite, records, Path(imgs) / f"{suite.name}_far.png")
     if plot:
         paths.append(plot)
+    from .dataset_suite import roc_plots
+
+    paths += roc_plots(suite, records, imgs)  # dataset suites: clean ROC per model
     grid = _examples(suite, records, Path(imgs) / f"{suite.name}_examples.png", results_root)
     if grid:
         paths.append(grid)

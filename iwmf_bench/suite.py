@@ -24,7 +24,7 @@ from .errors import BenchError
 SETTINGS = ("transfer", "adaptive")
 # Suite-level keys of a model or defense entry (not passed to its factory).
 REQUIRES = ("cuda",)  # ``requires: cuda``: skip the entry's cells on a machine without a GPU
-SUITE_KEYS = ("defense", "requires")
+SUITE_KEYS = ("defense", "requires", "threshold")  # threshold: a model's, fixed or calibrated (dataset_suite)
 # Threat-model keys of the transfer-from-surrogate setting (iwmf_bench.cross_model), not
 # passed to the attack; the last two are filled in at load from the suite's entries.
 SURROGATE_KEYS = ("surrogate", "surrogate_defense", "surrogate_options", "surrogate_defense_options")
@@ -141,6 +141,9 @@ def validate(suite: "Suite") -> None:
             continue
         rest = {k: v for k, v in opts.items() if k not in ("attack", "setting", *SURROGATE_KEYS)}
         _check_options(suite.path, "threat_models", label, registry.get("attacks", opts["attack"]).factory, rest)
+    from .dataset_suite import validate as validate_dataset  # data.dataset and model thresholds
+
+    validate_dataset(suite.path, suite.data, suite.models)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -202,9 +205,9 @@ def load_suite(path: str | Path) -> Suite:
         if opts["attack"] is not None and opts.setdefault("setting", "transfer") not in SETTINGS:
             raise BenchError(f"{path}: threat_models.{label}.setting must be one of {SETTINGS}")
     data = dict(raw["data"])
-    for key in ("sources", "targets"):
+    for key in ("sources", "targets") if "dataset" not in data else ():  # or a dataset plugin (dataset_suite)
         if key not in data:
-            raise BenchError(f"{path}: data.{key} is required")
+            raise BenchError(f"{path}: data.{key} is required (or data.dataset: a registered dataset)")
     for label, opts in threats.items():
         if any(key in opts for key in SURROGATE_KEYS):
             from .cross_model import resolve_surrogate

@@ -3,6 +3,7 @@ pairs.txt (both line forms, 2 folds), a CelebA-style identity list, a verificati
 written here, the restricted unpickler, and one-line errors for bad inputs."""
 
 import io
+import json
 import os
 import pickle
 from pathlib import Path
@@ -185,3 +186,61 @@ def test_folder_dataset_keeps_the_paper_pairing(shared_imgs):
     assert len(pairs) == 780 and sum(p.same for p in pairs) == 4 * 45
     with pytest.raises(DatasetError, match="unknown option.*sauce"):
         open_dataset("folder", sauce="x", targets="y")
+
+
+SUITE = """\
+name: lfw-tiny
+seed: 0
+device: cpu
+data: {{dataset: lfw, root: "{root}", pairs_file: "{pairs}", ext: png, pairs: 4}}
+models:
+  dlib-resnet: {{threshold: {{far: 0.1, dataset: lfw}}}}
+defenses:
+  none: {{defense: none}}
+  iwmf: {{defense: iwmf, lambda_0: 0.25}}
+threat_models:
+  clean: {{attack: null}}
+  apgd-transfer: {{attack: apgd, setting: transfer, norm: Linf, eps: 0.03, steps: 2}}
+  apgd-adaptive: {{attack: apgd, setting: adaptive, norm: Linf, eps: 0.03, steps: 2, eot_iter: 1, grad_mode: exact}}
+evaluation: {{draws: 2}}
+"""
+
+
+@pytest.mark.slow
+def test_suite_on_lfw_with_calibrated_threshold_end_to_end(lfw_root, tmp_path, monkeypatch, capsys):
+    """dlib-resnet, none and IWMF, APGD transfer and adaptive at tiny budgets, threshold
+    calibrated to FAR 0.1 on 36 clean impostor pairs: leaderboards state it."""
+    from iwmf_bench.suite import load_suite
+
+    monkeypatch.setenv("IWMF_BENCH_CACHE", str(tmp_path / "cache"))
+    people = sorted(PEOPLE)
+    matched = [(0, p, i, p, i + 1) for p in people for i in range(1, 10)]
+    mismatched = [(0, p, i, people[(k + 1) % 4], i) for k, p in enumerate(people) for i in range(1, 10)]
+    write_pairs(tmp_path / "pairs36.txt", matched + mismatched, 1, 36)
+    cfg = tmp_path / "lfw.yaml"
+    cfg.write_text(SUITE.format(root=lfw_root, pairs=tmp_path / "pairs36.txt"))
+    cells = load_suite(cfg).cells()
+    assert cells[0].model_options == {"threshold": {"far": 0.1, "dataset": "lfw"}}
+    boards, imgs = tmp_path / "boards", tmp_path / "imgs"
+    code = main(["run", "--config", str(cfg), "--all", "--results", str(tmp_path / "results"),
+                 "--leaderboards", str(boards), "--imgs", str(imgs), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    cal = json.loads(next((tmp_path / "cache" / "calibration").glob("*.json")).read_text())
+    assert cal["impostor_pairs"] == 36 and cal["far"]["k"] == 3  # floor(0.1 * 36)
+    cell = json.loads((boards / "cells" / "dlib-resnet__iwmf__apgd-adaptive.json").read_text())["metrics"]
+    assert cell["threshold"] == cal["threshold"] and cell["pairs"] == 4
+    assert cell["threshold_source"]["far_target"] == 0.1 and cell["frr_genuine"]["n"] == 4
+    assert cell["clean"]["genuine_pairs"] == 4 and "needs >= 100 impostor pairs" in cell["clean"]["tar_at_far"]["0.01"]["note"]
+    md = (boards / "dlib-resnet.md").read_text()
+    assert f"threshold {cal['threshold']:.6g} (euclidean, accept <=): calibrated to FAR 0.1 on 36 clean impostor pairs of lfw" in md
+    assert "clean pairs (iwmf, 4 genuine / 4 impostor" in md and "clean pairs (none" in md
+    assert (imgs / "lfw-tiny_roc_dlib-resnet.png").is_file()
+    # threat pairs: attacker and victim of different identities, drawn with the seed
+    from iwmf_bench.dataset_suite import threat_pairs
+
+    ds = open_dataset("lfw", root=str(lfw_root), pairs_file=str(tmp_path / "pairs36.txt"), ext="png")
+    tp = threat_pairs(ds, 4, 0)
+    assert tp == threat_pairs(ds, 4, 0) and tp != threat_pairs(ds, 4, 1)
+    assert all(ds.labels[a] != ds.labels[b] for a, b in tp["impersonation"])
+    assert all(ds.labels[r] == ds.labels[a] and r != a for (a, _), r in zip(tp["impersonation"], tp["attacker_refs"]))
+    assert all(p in [(q.a, q.b) for q in ds.pairs() if q.same] for p in tp["genuine"])
