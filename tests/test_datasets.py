@@ -244,3 +244,22 @@ def test_suite_on_lfw_with_calibrated_threshold_end_to_end(lfw_root, tmp_path, m
     assert all(ds.labels[a] != ds.labels[b] for a, b in tp["impersonation"])
     assert all(ds.labels[r] == ds.labels[a] and r != a for (a, _), r in zip(tp["impersonation"], tp["attacker_refs"]))
     assert all(p in [(q.a, q.b) for q in ds.pairs() if q.same] for p in tp["genuine"])
+
+
+@pytest.mark.parametrize("data,threshold,message", [
+    ('{dataset: lfw, root: R, bogus: 1}', "0.6", "unknown option.*bogus for dataset lfw"),
+    ('{dataset: lfw, root: R, pairs: 0}', "0.6", "data.pairs must be a positive integer"),
+    ('{dataset: lfw, root: R}', "{far: 2, dataset: lfw}", r"threshold.far must be in \(0, 1\)"),
+    ('{dataset: lfw, root: R}', "{far: 0.01}", "must be a number or"),
+    ('{dataset: lfw, root: R}', "{far: 0.01, dataset: identity-list}", "is not the suite's data.dataset"),
+    ('{dataset: nope, root: R}', "0.6", "unknown dataset 'nope'"),
+])
+def test_bad_dataset_suites_fail_before_running(tmp_path, data, threshold, message):
+    from iwmf_bench.errors import BenchError
+    from iwmf_bench.suite import load_suite, validate
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(f"data: {data}\nmodels: {{dlib-resnet: {{threshold: {threshold}}}}}\n"
+                   "defenses: {none: {}}\nthreat_models: {clean: {attack: null}}\n")
+    with pytest.raises(BenchError, match=message):
+        validate(load_suite(cfg))
