@@ -23,3 +23,8 @@ class WeightsError(BenchError):
 class NotApplicableError(BenchError):
     """The cell's threat model does not apply to its defense (e.g. an exact-gradient attack
     on a defense that has no exact gradient); the harness reports the cell as ``n/a``."""
+
+
+class MissingExtraError(BenchError):
+    """An optional dependency (an extra such as ``iwmf-bench[suites]``) is not installed;
+    the harness reports the cell as skipped, naming the install command."""

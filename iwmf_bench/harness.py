@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from . import __version__, metrics, registry
 from .attacks.adaptive import evaluate
-from .attacks.base import AttackTask, make_generator
+from .attacks.base import Attack, AttackTask, make_generator
 from .data import load_folder, quantize
 from .devices import resolve_device
-from .errors import BenchError, NotApplicableError, WeightsError
+from .errors import BenchError, MissingExtraError, NotApplicableError, WeightsError
 from .suite import SUITE_KEYS, SURROGATE_KEYS, Cell
 
 # -- result cache ----------------------------------------------------------------------
@@ -193,7 +193,10 @@ def _attack(cell: Cell, model, sources: torch.Tensor, refs: torch.Tensor, defens
     return result.adversarial, {
         "attack_seconds_per_image": (time.perf_counter() - start) / sources.shape[0],
         "flags": {k: bool(v) for k, v in result.flags.items()},
-        "attack_success": result.success_rate.to_dict()}
+        "attack_success": result.success_rate.to_dict(),
+        "attack_queries_per_image": float(result.queries.float().mean()),
+        # facts a reader needs (library RNG use, EOT cut to one draw, ...), as the attack states them
+        "attack_notes": {k: v for k, v in result.info.items() if k in ("rng", "eot_note", "library", "projected")}}
 
 
 def transfer_adversarial(cell: Cell, model, data: dict, results_root: Path | None) -> tuple[torch.Tensor, dict]:
@@ -325,7 +328,7 @@ def run_cell(cell: Cell | dict, results_root: str | Path | None, stage: Callable
         else:
             record["metrics"] = compute_cell(cell, Path(results_root) if results_root else None, stage)
             record["status"] = "ok"
-    except (WeightsError, NotApplicableError) as exc:
+    except (WeightsError, MissingExtraError, NotApplicableError) as exc:
         record.update(status="skipped", reason=str(exc))
     except BenchError as exc:
         record.update(status="error", reason=str(exc))
@@ -396,6 +399,7 @@ def run_cells(cells: list[Cell], results_root: str | Path, executor: str = "loca
         records[cell.key] = run_cell(cell, results_root)
         _report(records[cell.key], bar)
     if executor == "local":
+        Attack.progress = progress  # attack iterations show under the stage bar, as in `iwmf-bench attack`
         for cell in todo:
             bar.set_description(f"suite [{cell.name}]")
             stage_bar = tqdm(total=4, desc=f"  {cell.name}", leave=False, disable=not progress,
@@ -410,6 +414,7 @@ def run_cells(cells: list[Cell], results_root: str | Path, executor: str = "loca
             stage_bar.close()
             _report(records[cell.key], bar)
             bar.update(1)
+        Attack.progress = False
     elif executor == "ray":
         for record in _run_ray(todo, results_root, ray_address):
             records[record["key"]] = record

@@ -105,6 +105,46 @@ def sanity_notes(records: list[dict]) -> list[str]:
                                  f"({100 * b['value']:.1f}%) beats white-box {white['cell']['threat']} "
                                  f"({100 * w['value']:.1f}%): check the white-box attack or gradient masking")
     notes += [text for _, _, text in adaptive_below_transfer(ok)]
+    notes += weaker_than_reference(ok)
+    return notes
+
+
+def attack_family(record: dict) -> tuple[str, bool] | None:
+    """(family, is_reference) of a cell's attack: our ``apgd`` / ``apgd-eot`` / ``adaptive``
+    and the references' APGD (AutoAttack run with only ``apgd-ce``, torchattacks ``APGD``)
+    form the "apgd" family; our ``square`` and the references' Square (AutoAttack with
+    only ``square``, torchattacks ``Square``) the "square" family. None: no family."""
+    t = record["cell"]["threat_options"]
+    attack = t.get("attack")
+    if attack in ("apgd", "apgd-eot", "adaptive", "square"):
+        return ("square" if attack == "square" else "apgd"), False
+    if attack == "autoattack" and list(t.get("attacks") or []) in (["apgd-ce"], ["square"]):
+        return ("apgd" if t["attacks"] == ["apgd-ce"] else "square"), True
+    if attack == "torchattacks" and t.get("name") in ("APGD", "Square"):
+        return t["name"].lower(), True
+    return None
+
+
+def weaker_than_reference(records: list[dict]) -> list[str]:
+    """A reference implementation (AutoAttack, torchattacks) of the same family, setting,
+    norm and eps beating our attack on the same defense with disjoint 95% intervals: ours
+    is weaker than the reference (a bug or a worse setting to fix)."""
+    notes = []
+    for ours in records:
+        fam = attack_family(ours)
+        if fam is None or fam[1]:
+            continue
+        for ref in records:
+            rfam = attack_family(ref)
+            same = all(ours["cell"]["threat_options"].get(k) == ref["cell"]["threat_options"].get(k)
+                       for k in ("setting", "norm", "eps", "surrogate"))
+            if rfam != (fam[0], True) or not same or ref["cell"]["defense"] != ours["cell"]["defense"]:
+                continue
+            o, r = ours["metrics"]["far"], ref["metrics"]["far"]
+            if o["ci95"][1] < r["ci95"][0]:
+                notes.append(f"sanity ({ours['cell']['defense']}): our {ours['cell']['threat']} "
+                             f"({100 * o['value']:.1f}%) is weaker than the reference {ref['cell']['threat']} "
+                             f"({100 * r['value']:.1f}%) beyond the 95% intervals")
     return notes
 
 

@@ -130,6 +130,6 @@ def unknown_options(factory: Callable[..., Any], names: Any) -> tuple[list[str],
     return ([n for n in names if n not in accepted] if accepted is not None else []), accepted
 
 
-def create(kind: str, name: str, **kwargs: Any) -> Any:
+def create(kind: str, name: str, /, **kwargs: Any) -> Any:
     """Build a registered object: ``create('defenses', 'iwmf', lambda_0=0.25)``."""
     return get(kind, name).factory(**kwargs)

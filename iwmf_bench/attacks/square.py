@@ -18,7 +18,8 @@ verification margin of :mod:`.base`, read from the system's scores: no gradients
 
 Budget: ``queries`` forward passes of the attacked system per image, initialization
 included; with ``eot_iter > 1`` each loss estimate averages that many draws of the
-defense's randomness and costs that many queries. As in the paper, a sample stops
+defense's randomness and costs that many queries, when the defense is random: over a
+deterministic defense (or none) one draw is used (``info["eot_note"]`` says so). As in the paper, a sample stops
 being queried once it succeeds (``stop_on_success``).
 
 Settings: on a task with ``defense=None`` Square attacks the bare model (the paper's
@@ -33,7 +34,7 @@ import math
 import torch
 
 from ..errors import BenchError
-from .base import Attack, AttackResult, AttackTask, fit_l2_ball, make_generator
+from .base import Attack, AttackResult, AttackTask, fit_l2_ball, is_random, make_generator
 
 P_INIT = {"Linf": 0.05, "L2": 0.1}
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128),
@@ -117,11 +118,10 @@ class Square(Attack):
                 "stop_on_success": self.stop_on_success}
 
     @torch.no_grad()
-    def _loss(self, task: AttackTask, x: torch.Tensor, idx: torch.Tensor, generator) -> torch.Tensor:
-        """Objective of images ``x`` (sources ``idx``), averaged over eot_iter draws."""
+    def _loss(self, task: AttackTask, x: torch.Tensor, idx: torch.Tensor, generator, draws: int) -> torch.Tensor:
+        """Objective of images ``x`` (sources ``idx``), averaged over ``draws`` draws."""
         sub = AttackTask(task.model, task.sources[idx], task.references[idx], task.defense, task.seed,
                          task.threshold)
-        draws = self.eot_iter if task.defense is not None else 1
         return sum(self.objective(sub, x, generator) for _ in range(draws)) / draws
 
     def _init(self, x, generator):
@@ -193,8 +193,11 @@ class Square(Attack):
         defense_gen = make_generator(task.seed, self.name, "defense")
         everyone = torch.arange(n)
         x_best = self._init(x, gen)
-        loss_best = self._loss(task, x_best, everyone, defense_gen)
-        per_eval = self.eot_iter if task.defense is not None else 1
+        # EOT only where there is randomness: over a deterministic defense every draw is the
+        # same query, so one draw per estimate (the budget buys eot_iter times more steps).
+        random = task.defense is not None and (task.defense.stochastic or is_random(task.defense, x[:2], task.seed))
+        per_eval = self.eot_iter if random else 1
+        loss_best = self._loss(task, x_best, everyone, defense_gen, per_eval)
         queries = torch.full((n,), per_eval, dtype=torch.long)
         n_iters = self.queries // per_eval - 1
         candidate = self._candidate_linf if self.norm == "Linf" else self._candidate_l2
@@ -205,10 +208,13 @@ class Square(Attack):
                 break
             p = p_selection(self.p_init, it, n_iters)
             cand = candidate(x[idx], x_best[idx], p, gen)
-            loss = self._loss(task, cand, idx, defense_gen)
+            loss = self._loss(task, cand, idx, defense_gen, per_eval)
             queries[idx] += per_eval
             better = loss > loss_best[idx]
             x_best[idx[better.cpu()]] = cand[better]
             loss_best[idx[better.cpu()]] = loss[better]
-        return AttackResult(adversarial=x_best, success=self.succeeded(loss_best).cpu(), queries=queries,
-                            info={"objective": loss_best.cpu()})
+        info = {"objective": loss_best.cpu(), "eot_iter_used": per_eval}
+        if self.eot_iter > 1 and not random:
+            info["eot_note"] = (f"defense is deterministic: EOT over {self.eot_iter} draws would repeat one "
+                                f"query, so each of the {self.queries} queries is a search step")
+        return AttackResult(adversarial=x_best, success=self.succeeded(loss_best).cpu(), queries=queries, info=info)

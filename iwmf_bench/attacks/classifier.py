@@ -1,0 +1,101 @@
+"""Face verification seen as a two-class classifier, so classifier attack libraries
+(AutoAttack, torchattacks) run unchanged on our tasks.
+
+:class:`VerificationClassifier` is an ``nn.Module`` mapping [0,1] images to two logits
+``(0, m)`` where ``m`` is the goal-signed verification margin of :mod:`.base`
+(impersonation: ``margin`` against reference ``i``; dodging: ``-margin``). Class 1 means
+"the attacker's goal is met" (accepted as the target for impersonation, rejected for
+dodging); every sample's label is 0 (:meth:`labels`), so an *untargeted* library attack
+on label 0 is exactly our attack. The argmax is 1 when ``m > 0``; our own attacks count
+``m = 0`` as accepted for impersonation, a difference on a set of measure zero.
+
+What the libraries' losses mean on two classes:
+
+* cross-entropy (AutoAttack's APGD-CE, torchattacks' PGD/MIFGSM/DIFGSM/TIFGSM/VMIFGSM/...):
+  ``CE(logits, 0) = softplus(m)``, strictly increasing in the margin: well defined,
+  same maximizer as our objective (only the step scale differs, and sign/normalized
+  steps ignore it);
+* the margin loss ``z_y - max_{j != y} z_j = -m`` (CW's ``f``, Square's margin loss,
+  UPGD ``loss='margin'``): exactly our objective;
+* targeted variants with target 1 are the untargeted attack again (two classes);
+* DLR (``(z_y - z_pi1) / (z_pi1 - z_pi3)``) needs the third-largest logit: undefined
+  with two classes (>= 3 needed; its targeted form >= 4); so are AutoAttack's APGD-T
+  and FAB-T, which attack the top-9 *other* classes with DLR-targeted losses, and any
+  attack that needs a target class different from the label besides class 1.
+
+Gradients pass through the defense by its gradient mode (``"exact"``, ``"bpda"``; the
+defense must support it). A stochastic defense draws from ``generator``, an explicit
+``torch.Generator`` advanced across calls: each forward pass is a fresh draw, so a
+library's EOT (averaging several forward passes) averages over fresh randomness.
+
+Batches. A library may call the module on the full batch (row ``i`` is source ``i``) or
+on a subset (AutoAttack keeps attacking only the samples not yet fooled). A call with
+any other number of rows is attributed row by row to the nearest source in the attack's
+norm, which must be unambiguous (sources differ far more than the budget); inputs of
+another size (a library's input-diversity resizing) must then come as a full batch.
+:attr:`forward_passes` counts images passed through the system (queries).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import metrics
+from ..defenses.base import Defense
+
+
+class VerificationClassifier(torch.nn.Module):
+    """Model (+ defense) as a two-class classifier: logits ``(0, goal-signed margin)``."""
+
+    def __init__(self, model: torch.nn.Module, references: torch.Tensor, sources: torch.Tensor,
+                 defense: Defense | None = None, grad_mode: str = "none", goal: str = "impersonation",
+                 threshold: float | None = None, generator: torch.Generator | None = None,
+                 norm: str = "Linf"):
+        super().__init__()
+        self.model, self.defense, self.grad_mode, self.goal = model, defense, grad_mode, goal
+        self.register_buffer("references", references.detach(), persistent=False)
+        self.register_buffer("sources", sources.detach(), persistent=False)
+        self.threshold = float(model.threshold if threshold is None else threshold)
+        self.generator, self.norm = generator, norm
+        self.forward_passes = 0
+        #: Called with the source index of every row passed (query counting, progress).
+        self.on_rows = None
+
+    def labels(self) -> torch.Tensor:
+        """Every sample's true class: 0, "goal not met"."""
+        return torch.zeros(self.sources.shape[0], dtype=torch.long, device=self.sources.device)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Index of the source behind each row of ``x`` (see the module docstring)."""
+        n = self.sources.shape[0]
+        if x.shape[0] == n:
+            return torch.arange(n, device=x.device)
+        if x.shape[1:] != self.sources.shape[1:]:
+            raise RuntimeError(f"library passed {x.shape[0]} of {n} images at size {tuple(x.shape[2:])}: "
+                               "cannot tell which reference each belongs to")
+        diff = (x.detach().unsqueeze(1) - self.sources.unsqueeze(0)).flatten(2)
+        dist = diff.abs().amax(dim=2) if self.norm == "Linf" else diff.norm(dim=2)
+        if n == 1:
+            return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        two = dist.topk(2, dim=1, largest=False).values
+        if not bool((two[:, 0] < 0.5 * two[:, 1]).all()):
+            raise RuntimeError("library passed images that are not clearly perturbations of one source "
+                               "(nearest and second-nearest sources at similar distances)")
+        return dist.argmin(dim=1)
+
+    def margin(self, x: torch.Tensor) -> torch.Tensor:
+        """Goal-signed margin of one forward pass (one fresh draw of the defense)."""
+        rows = self.rows(x)
+        if self.on_rows is not None:
+            self.on_rows(rows)
+        refs = self.references[rows]
+        x = x.clamp(0, 1)  # some libraries probe outside the image domain (VMI-FGSM's neighbours)
+        z = x if self.defense is None else self.defense.purify(x, self.generator, self.grad_mode)
+        s = metrics.scores(self.model.embed(z), refs, self.model.metric)
+        m = metrics.margin(s, self.threshold, self.model.metric)
+        return m if self.goal == "impersonation" else -m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.forward_passes += x.shape[0]
+        m = self.margin(x)
+        return torch.stack([torch.zeros_like(m), m], dim=1)
