@@ -24,7 +24,10 @@ from .errors import BenchError
 SETTINGS = ("transfer", "adaptive")
 # Suite-level keys of a model or defense entry (not passed to its factory).
 REQUIRES = ("cuda",)  # ``requires: cuda``: skip the entry's cells on a machine without a GPU
-SUITE_KEYS = ("defense", "requires", "threshold")  # threshold: a model's, fixed or calibrated (dataset_suite)
+SUITE_KEYS = ("defense", "requires", "threshold", "threats")  # threshold: a model's, fixed or calibrated (dataset_suite)
+# ``threats: [LABEL, ...]`` on a model or defense entry: cross it with only these threat
+# models (default: all), so a suite can give an expensive entry a cheaper column set. Not
+# part of the cells' options, so editing the list never invalidates computed cells.
 # Threat-model keys of the transfer-from-surrogate setting (iwmf_bench.cross_model), not
 # passed to the attack; the last two are filled in at load from the suite's entries.
 SURROGATE_KEYS = ("surrogate", "surrogate_defense", "surrogate_options", "surrogate_defense_options")
@@ -102,13 +105,15 @@ class Suite:
                                  f"(has: {', '.join(known)})")
         device = resolve_device(self.device, check_available=False)  # checked where each cell runs
         out = []
+        strip = lambda opts: {k: v for k, v in opts.items() if k != "threats"}  # noqa: E731
         for m, m_opts in self.models.items():
             for d, d_opts in self.defenses.items():
                 for t, t_opts in self.threat_models.items():
                     if (models and m not in models) or (defenses and d not in defenses) \
-                            or (attacks and t not in attacks):
+                            or (attacks and t not in attacks) \
+                            or t not in m_opts.get("threats", [t]) or t not in d_opts.get("threats", [t]):
                         continue
-                    out.append(Cell(self.name, m, dict(m_opts), d, dict(d_opts), t, dict(t_opts),
+                    out.append(Cell(self.name, m, strip(m_opts), d, strip(d_opts), t, dict(t_opts),
                                     dict(self.data), dict(self.evaluation), self.seed, device))
         if shard:
             i, n = shard
@@ -203,6 +208,10 @@ def load_suite(path: str | Path) -> Suite:
             if "requires" in opts and opts["requires"] not in REQUIRES:
                 raise BenchError(f"{path}: {what}.{label}.requires must be one of {', '.join(REQUIRES)}, "
                                  f"got {opts['requires']!r}")
+            if "threats" in opts and (not isinstance(opts["threats"], list)
+                                      or set(map(str, opts["threats"])) - set(raw["threat_models"] or {})):
+                raise BenchError(f"{path}: {what}.{label}.threats must be a list of the suite's threat models "
+                                 f"({', '.join(raw['threat_models'] or {})}), got {opts['threats']!r}")
     threats = _mapping(raw["threat_models"], "threat_models", path)
     for label, opts in threats.items():
         if "attack" not in opts:

@@ -359,3 +359,18 @@ def test_adaptive_gradient_mode_a_defense_lacks_is_not_applicable(shared_imgs, t
     table = tables(suite, list(records.values()))["dlib-resnet"]
     assert next(r for r in table["rows"] if r[0] == "bits")[-2] == "n/a"
     assert any(n.startswith("skipped (bits/exact): not applicable") for n in table["notes"])
+
+
+def test_threats_key_limits_an_entry_to_some_columns_without_changing_keys(tiny_config, tmp_path):
+    full = {c.name: c.key for c in load_suite(tiny_config).cells()}
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(tiny_config.read_text().replace("iwmf: {defense: iwmf, lambda_0: 0.25}",
+                                                   "iwmf: {defense: iwmf, lambda_0: 0.25, threats: [clean]}"))
+    cut = {c.name: c.key for c in load_suite(cfg).cells()}
+    assert set(full) - set(cut) == {"dlib-resnet/iwmf/apgd"}
+    assert all(full[name] == key for name, key in cut.items())  # same cells, same cache entries
+    cfg.write_text(tiny_config.read_text().replace("iwmf: {defense: iwmf, lambda_0: 0.25}",
+                                                   "iwmf: {defense: iwmf, lambda_0: 0.25, threats: [nope]}"))
+    with pytest.raises(BenchError, match=r"defenses.iwmf.threats must be a list of the suite's threat models "
+                                         r"\(clean, apgd\), got \['nope'\]"):
+        load_suite(cfg)
