@@ -1,4 +1,4 @@
-"""Seconds per image of every registered defense: forward, and forward+backward per gradient mode.
+"""Time per image of every registered defense: forward, and forward+backward per gradient mode.
 
     .venv/bin/python benchmarks/purifiers.py [--defenses iwmf,median] [--repeats 5]
         [--paper-repeats 2] [--batches 1,20] [--size 160] [--device cpu] [--threads N]
@@ -19,12 +19,13 @@ that fails to build or run, gets a "not available" row naming the error.
 IWMF is also timed against the paper's reference semantics (github.com/azrealwang/iwmfdiff,
 ``functions/defense.py``): one window sequence shared by the whole batch, each window
 applied with tensor slicing in a Python loop. Here the centres are drawn up front (the
-paper's loop also draws its two random integers per window with numpy, which we leave
-out: it only flatters the paper's code), and its ``exact`` column is autograd through that
-loop. Our row with ``shared=True`` computes the same function (the script checks this),
-and the speed-up row divides the paper's times by ours with shared windows. Autograd
-through thousands of in-place slice assignments costs several full-image passes per
-window in the backward (tens of seconds per batch of 20), so the paper's loop is timed
+paper's loop also draws its two random integers per window with numpy; leaving that out
+can only flatter the paper's code), and its ``exact`` column is autograd through that
+loop. Our row with ``shared=True`` (``iwmf_apply``) computes the same function (the
+script checks this); both are timed as bare functions on the same pre-drawn centres (no
+input check, no drawing), and the speed-up row divides the paper's medians by ours.
+Autograd through thousands of in-place slice assignments costs several full-image passes
+per window in the backward (seconds per batch of 20), so the paper's loop is timed
 ``--paper-repeats`` times (default 2) after its warm-up.
 
 On a shared machine, ``--threads 1`` avoids the stalls of torch's intra-op threads
