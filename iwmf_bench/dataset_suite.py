@@ -74,8 +74,9 @@ def calibration_dataset(spec: dict, data: dict, path: Any = "suite") -> tuple[st
     if isinstance(ref, dict):
         if "dataset" not in ref:
             raise BenchError(f"{path}: threshold.dataset mapping needs 'dataset' (a registered dataset)")
-        name, opts = dataset_options(ref)
-        return name, opts, bool(spec.get("align", ref.get("align", True)))
+        # every key but dataset/align is the dataset's own (identity-list's pairs included)
+        opts = {k: v for k, v in ref.items() if k not in ("dataset", "align")}
+        return ref["dataset"], opts, bool(spec.get("align", ref.get("align", True)))
     if data.get("dataset") == ref:
         name, opts = dataset_options(data)
         return name, opts, bool(spec.get("align", data.get("align", True)))

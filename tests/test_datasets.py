@@ -148,6 +148,14 @@ def test_verification_bin_written_here(shared_imgs, tmp_path, protocol):
     assert [p.fold for p in ds.pairs()] == [k // 2 for k in range(20)]
     assert torch.equal(ds.read(0), read_image(src[0])) and torch.equal(ds.read(1), read_image(src[1]))
     assert torch.equal(ds.read(3), read_image(tgt[1]))
+    # no identity labels: threat pairs come from the listed pairs
+    from iwmf_bench.dataset_suite import threat_pairs
+
+    tp = threat_pairs(ds, 3, 0)
+    listed = {(p.a, p.b): p.same for p in ds.pairs()}
+    assert len(tp["impersonation"]) == 3 and not any(listed[p] for p in tp["impersonation"])
+    assert len(tp["genuine"]) == 3 and all(listed[p] for p in tp["genuine"])
+    assert tp["attacker_refs"] == [None] * 3
 
 
 def test_python2_style_pickle_reads_as_bytes():

@@ -20,6 +20,9 @@ import torch
 from ..errors import DataError
 
 
+PAIR_OPTIONS = ("pairs", "seed", "pairs_file")  # choose pairs, not images: not part of the image cache key
+
+
 class DatasetError(DataError):
     """A problem with a dataset's files (missing image, malformed protocol line)."""
 
@@ -67,9 +70,11 @@ class Dataset:
             yield chunk, [self.read(i) for i in chunk]
 
     def fingerprint(self) -> str:
-        """What identifies this dataset's content for caches: kind, options, image names."""
+        """What identifies this dataset's images for caches: kind, options except those
+        that only choose pairs, image names."""
         names = hashlib.sha256("\n".join(self.names).encode()).hexdigest()
-        blob = json.dumps({"kind": type(self).__name__, "options": self.options, "names": names},
+        options = {k: v for k, v in self.options.items() if k not in PAIR_OPTIONS}
+        blob = json.dumps({"kind": type(self).__name__, "options": options, "names": names},
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
