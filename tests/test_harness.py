@@ -188,12 +188,13 @@ def test_third_party_plugin_is_listed_run_and_broken_one_skipped(tiny_config, tm
     env = {**os.environ, "PYTHONPATH": str(target)}
     listing = subprocess.run([EXE, "list"], capture_output=True, text=True, env=env, timeout=300)
     assert listing.returncode == 0
-    assert "jpeg" in listing.stdout and "[plugin: iwmf-bench-example-plugin]" in listing.stdout
+    assert "example-jpeg" in listing.stdout and "[plugin: iwmf-bench-example-plugin]" in listing.stdout
     assert "uniform-noise" in listing.stdout
     assert "attacks/broken-attack from iwmf-bench-example-plugin" in listing.stdout
     assert "ModuleNotFoundError" in listing.stdout
     cfg = tmp_path / "plugin.yaml"
-    cfg.write_text(tiny_config.read_text().replace("diffpure: {defense: diffpure}", "jpeg: {defense: jpeg, quality: 50}")
+    cfg.write_text(tiny_config.read_text()
+                   .replace("diffpure: {defense: diffpure}", "example-jpeg: {defense: example-jpeg, quality: 50}")
                    .replace("apgd: {attack: apgd, setting: transfer, norm: Linf, eps: 0.03, steps: 3}",
                             "noise: {attack: uniform-noise, setting: transfer, eps: 0.03}"))
     run = subprocess.run([EXE, "run", "--all", "--config", str(cfg), "--results", str(tmp_path / "r"),
@@ -201,7 +202,7 @@ def test_third_party_plugin_is_listed_run_and_broken_one_skipped(tiny_config, tm
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "6 cells: 6 ok, 0 skipped, 0 errors" in run.stdout
-    assert "| jpeg " in (tmp_path / "lb" / "dlib-resnet.md").read_text()
+    assert "| example-jpeg " in (tmp_path / "lb" / "dlib-resnet.md").read_text()
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from iwmf_bench.defenses.base import Defense
 class JPEG(Defense):
     """JPEG compression at a given quality (deterministic, no gradient but BPDA)."""
 
-    registered_name = "jpeg"
+    registered_name = "example-jpeg"
     stochastic = False
     grad_modes = ("none", "bpda")
 
