@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/diffusion.py                       # tiny UNet, CPU
     .venv/bin/python benchmarks/diffusion.py --config celeba_hq --device cuda --options-table
+    .venv/bin/python benchmarks/diffusion.py --config imagenet_256 --batches 1 --timesteps 2 --skip-memory
+
+``--config`` is any prior in iwmf_bench/priors/ (tiny, tiny_adm, celeba_hq, cifar10,
+imagenet_256) or a path to a prior YAML.
 
 Table 1: seconds per image of DiffPure and IWMF-Diff (``grad_mode="none"``) for each
 batch size. With ``--options-table``, IWMF-Diff under each dtype / channels_last /
@@ -26,7 +30,7 @@ import time
 import torch
 from tabulate import tabulate
 
-from iwmf_bench.defenses.diffusion import DiffPure, IWMFDiff
+from iwmf_bench.defenses.diffusion import DiffPure, IWMFDiff, build_unet, load_prior_config
 
 
 def make(cls, args, **kw):
@@ -145,7 +149,8 @@ def memory(args) -> list[list]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="tiny", help="diffusion config: tiny or celeba_hq")
+    p.add_argument("--config", default="tiny", help="diffusion prior: tiny, tiny_adm, celeba_hq, cifar10, "
+                   "imagenet_256 or a YAML path")
     p.add_argument("--device", default="cpu")
     p.add_argument("--timesteps", type=int, default=20, help="DDRM steps for the speed table")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
@@ -174,7 +179,11 @@ def main(argv=None) -> int:
 
     where = f"{args.device} ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") \
         else f"cpu, {torch.get_num_threads()} threads"
-    print(f"config={args.config}  device={where}  dtype={args.dtype or 'auto'}  torch {torch.__version__}")
+    prior = load_prior_config(args.config)
+    with torch.device("meta"):  # counted without allocating
+        params = sum(p.numel() for p in build_unet(prior.unet).parameters())
+    print(f"config={args.config} ({type(prior.unet).__name__}, {prior.resolution}x{prior.resolution}, "
+          f"{params:,} parameters)  device={where}  dtype={args.dtype or 'auto'}  torch {torch.__version__}")
     if not args.skip_speed:
         rows = speed(args)
         print("\nPurification speed (grad_mode=none, best of %d)" % args.repeats)

@@ -47,6 +47,8 @@ ALIASES: dict[str, str] = {
     "insightface": "insightface-r100",
     "diffpure": "celeba-hq-ddpm",
     "iwmfdiff": "celeba-hq-ddpm",
+    "cifar10": "cifar10-ddpm",  # the diffusion priors' config names
+    "imagenet_256": "imagenet256-adm",
 }
 
 
@@ -78,6 +80,26 @@ register_checkpoint(Checkpoint(
     size=None, sha256=None,
     description="DDPM UNet on CelebA-HQ 256x256 (SDEdit/DDRM checkpoint, about 455 MB)",
 ))
+# The URL and MD5 are DDRM's (functions/ckpt_util.py, "ema_cifar10"), unverified here
+# (written offline): the MD5 is checked on every use, the size is unknown (35,746,307
+# float32 parameters: about 143 MB) and the sha256 is pinned on first download.
+register_checkpoint(Checkpoint(
+    name="cifar10-ddpm",
+    urls=("https://heibox.uni-heidelberg.de/f/2e4f01e2d9ee49bab1d5/?dl=1",),
+    filename="ema_cifar10_model-790000.ckpt",
+    size=None, sha256=None,
+    description="DDPM UNet on CIFAR-10 32x32 (Ho et al. EMA model-790000.ckpt, pytorch_diffusion port, about 143 MB)",
+    extra={"md5": "1fa350b952534ae442b1d5235cce5cd3"},
+))
+# The URL is DDRM's and guided-diffusion's; size and sha256 unverified (written offline):
+# 552,814,086 float32 parameters make about 2.2 GB; the sha256 is pinned on first download.
+register_checkpoint(Checkpoint(
+    name="imagenet256-adm",
+    urls=("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",),
+    filename="256x256_diffusion_uncond.pt",
+    size=None, sha256=None,
+    description="guided-diffusion ADM UNet, unconditional ImageNet 256x256 (about 2.2 GB)",
+))
 
 
 def home() -> Path:
@@ -95,8 +117,8 @@ def get_checkpoint(name: str) -> Checkpoint:
     return CHECKPOINTS[name]
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_of(path: Path, chunk: int = 1 << 20, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
@@ -124,6 +146,10 @@ def verify(ckpt: Checkpoint, path: Path) -> str:
     expected = expected_sha256(ckpt, path)
     if expected is not None and digest != expected:
         raise WeightsError(f"{path}: sha256 {digest[:16]}... does not match {expected[:16]}... for {ckpt.name} "
+                           f"(corrupt or altered file); delete it and run `iwmf-bench fetch {ckpt.name}`")
+    # A published MD5 (e.g. DDRM's) is a second, independent check where no sha256 is known.
+    if (md5 := ckpt.extra.get("md5")) is not None and (found := sha256_of(path, algorithm="md5")) != md5:
+        raise WeightsError(f"{path}: md5 {found} does not match the published {md5} for {ckpt.name} "
                            f"(corrupt or altered file); delete it and run `iwmf-bench fetch {ckpt.name}`")
     return digest
 

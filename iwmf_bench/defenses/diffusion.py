@@ -2,7 +2,10 @@
 
 IWMF-Diff (Wang et al., TDSC 2024) blurs the input with IWMF, then restores it with DDRM
 denoising (H = I) under a CelebA-HQ DDPM prior; "DiffPure" in that paper is the same
-pipeline without IWMF (``lambda_0 = 0``). Per image batch:
+pipeline without IWMF (``lambda_0 = 0``). The prior is a YAML file in
+``iwmf_bench/priors/`` chosen with ``config``: ``celeba_hq`` (the default, a DDPM UNet),
+``cifar10`` (DDPM, 32x32) or ``imagenet_256`` (guided diffusion's ADM UNet, 256x256), so
+the defenses can front a classifier as well as a face model. Per image batch:
 
 1. IWMF at the input resolution (IWMF-Diff only), as in the reference code;
 2. antialiased bilinear resize to the prior's resolution (256x256 for CelebA-HQ);
@@ -38,6 +41,7 @@ import yaml
 
 from .. import weights as weights_mod
 from ..errors import BenchError
+from .adm_unet import ADMConfig, ADMUNet
 from .base import Defense
 from .ddrm import alphas_cumprod, beta_schedule, ddrm_denoise, skip_sequence
 from .diffusion_unet import DDPMUNet, UNetConfig
@@ -47,13 +51,16 @@ from .iwmf import iwmf
 # configs/diffusion in the repository is a link to this folder.
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "priors"
 
+# model.type in a prior's YAML -> (config class, module class).
+ARCHITECTURES = {"ddpm": (UNetConfig, DDPMUNet), "adm": (ADMConfig, ADMUNet)}
+
 
 @dataclass(frozen=True)
 class PriorConfig:
     """A diffusion prior: UNet architecture, training noise schedule, checkpoint name."""
 
     name: str
-    unet: UNetConfig
+    unet: UNetConfig | ADMConfig  # the YAML's model.type: ddpm (default) or adm
     checkpoint: str | None
     beta_schedule: str
     beta_start: float
@@ -80,9 +87,12 @@ def load_prior_config(config: str | Path) -> PriorConfig:
     try:
         raw = yaml.safe_load(path.read_text())
         diff = raw["diffusion"]
+        kind = raw["model"].get("type", "ddpm")
+        if kind not in ARCHITECTURES:
+            raise ValueError(f"model.type must be one of {', '.join(ARCHITECTURES)}, got {kind!r}")
         return PriorConfig(
             name=path.stem,
-            unet=UNetConfig.from_dict(raw["image_size"], raw["model"]),
+            unet=ARCHITECTURES[kind][0].from_dict(raw["image_size"], raw["model"]),
             checkpoint=raw.get("checkpoint"),
             beta_schedule=str(diff["beta_schedule"]),
             beta_start=float(diff["beta_start"]),
@@ -109,12 +119,18 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return dtype
 
 
-def load_unet(prior: PriorConfig, path: str | Path) -> DDPMUNet:
+def build_unet(cfg: UNetConfig | ADMConfig) -> torch.nn.Module:
+    """The architecture a config describes (randomly initialised, on the default device)."""
+    module = next(module for config, module in ARCHITECTURES.values() if isinstance(cfg, config))
+    return module(cfg)
+
+
+def load_unet(prior: PriorConfig, path: str | Path) -> torch.nn.Module:
     """Build the UNet without initialising it (meta device) and assign the checkpoint's
     tensors, strictly: every key and shape must match."""
     state = weights_mod.load_state_dict(path)
     with torch.device("meta"):
-        unet = DDPMUNet(prior.unet)
+        unet = build_unet(prior.unet)
     weights_mod.load_strict(unet, state, path, f"a {prior.name} UNet checkpoint", assign=True)
     return unet.float()
 
@@ -179,7 +195,7 @@ class _DDRMPurifier(Defense):
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.init_seed)
-                unet = DDPMUNet(self.prior.unet)
+                unet = build_unet(self.prior.unet)
         return unet.requires_grad_(False).eval()
 
     def load_model(self) -> torch.nn.Module:
@@ -207,11 +223,13 @@ class _DDRMPurifier(Defense):
         fn, channels_last = self._eps_fn, self.channels_last
 
         def eps(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            channels = x_t.shape[1]
             x_t = x_t.to(model_dtype)
             if channels_last:
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                return fn(x_t, t)
+                # A learned-variance model (ADM) returns [eps; variance]: DDRM uses eps only.
+                return fn(x_t, t)[:, :channels]
 
         return eps
 
@@ -254,7 +272,7 @@ class _DDRMPurifier(Defense):
 
 
 class DiffPure(_DDRMPurifier):
-    """DDRM denoising with a CelebA-HQ diffusion prior (IWMF-Diff with lambda_0=0)."""
+    """DDRM denoising under a diffusion prior (IWMF-Diff with lambda_0=0)."""
 
     registered_name = "diffpure"
 
@@ -270,7 +288,7 @@ class DiffPure(_DDRMPurifier):
 
 
 class IWMFDiff(_DDRMPurifier):
-    """IWMF-Diff: IWMF blur, then DDRM restoration with a CelebA-HQ diffusion prior."""
+    """IWMF-Diff: IWMF blur, then DDRM restoration under a diffusion prior (``config``)."""
 
     registered_name = "iwmfdiff"
 
