@@ -207,7 +207,6 @@ defenses:
   none: {{defense: none}}
   iwmf: {{defense: iwmf, lambda_0: 0.25}}
 threat_models:
-  clean: {{attack: null}}
   apgd-transfer: {{attack: apgd, setting: transfer, norm: Linf, eps: 0.03, steps: 2}}
   apgd-adaptive: {{attack: apgd, setting: adaptive, norm: Linf, eps: 0.03, steps: 2, eot_iter: 1, grad_mode: exact}}
 evaluation: {{draws: 2}}
