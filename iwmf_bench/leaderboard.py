@@ -150,7 +150,9 @@ def weaker_than_reference(records: list[dict]) -> list[str]:
 
 def _kind(record: dict) -> tuple:
     t = record["cell"]["threat_options"]
-    return t.get("attack"), t.get("setting"), t.get("norm", "Linf")
+    # Crafted on a surrogate (cross_model) is another question than the model's own attacks.
+    setting = f"transfer from {t['surrogate']}" if t.get("surrogate") else t.get("setting")
+    return t.get("attack"), setting, t.get("norm", "Linf")
 
 
 def adaptive_below_transfer(records: list[dict]) -> list[tuple[str, str, str]]:

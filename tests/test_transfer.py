@@ -190,3 +190,26 @@ def test_invalid_surrogate_options_fail_at_load_with_one_line(shared_imgs, tmp_p
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
         assert "unknown model 'nope'" in r.stderr and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_sanity_notes_compare_cross_model_cells_only_with_the_same_surrogate(tiny_run):
+    from iwmf_bench.leaderboard import sanity_notes
+
+    _, _, records = tiny_run
+    apgd = records["dlib-resnet/iwmf/from-dlib"]
+    far = apgd["metrics"]["far"]
+    assert far["k"] < far["n"]  # so a black-box count one higher exists
+
+    def square(surrogate):
+        r = json.loads(json.dumps(apgd))
+        r["cell"]["threat"] = "square"
+        opts = {"attack": "square", "setting": "transfer", "norm": "Linf"}
+        r["cell"]["threat_options"] = {**opts, "surrogate": surrogate} if surrogate else opts
+        r["metrics"]["far"] = {**far, "k": far["k"] + 1, "value": (far["k"] + 1) / far["n"]}
+        return r
+
+    beats = [n for n in sanity_notes([apgd, square("dlib-resnet")]) if "beats white-box" in n]
+    assert len(beats) == 1 and "square" in beats[0] and "from-dlib" in beats[0]
+    # Square on the model itself vs APGD crafted on a surrogate: another question, no note.
+    assert not [n for n in sanity_notes([apgd, square(None)]) if "beats white-box" in n]
