@@ -59,7 +59,7 @@ def test_adapter_logits_are_the_goal_signed_margin():
         x = (src + 0.01).clamp(0, 1)
         logits = clf(x)
         ours = APGD(goal=goal).objective(AttackTask(model, src, refs), x)
-        assert torch.allclose(logits[:, 1], ours) and torch.equal(logits[:, 0], torch.zeros(4))
+        assert torch.allclose(logits[:, 1] - logits[:, 0], ours) and torch.equal(logits[:, 0], -logits[:, 1])
         # CE on label 0 is softplus(margin): increasing in the margin
         assert torch.allclose(F.cross_entropy(logits, clf.labels(), reduction="none"), F.softplus(ours))
         # a subset (as AutoAttack passes the samples not yet fooled) keeps each row's reference
@@ -108,8 +108,10 @@ def test_autoattack_apgd_ce_within_our_apgd_interval(pairs):
     assert lo <= far_ref.value <= hi
     check_budget(ref.adversarial, src, "Linf", 0.03)
     assert on_8bit_grid(ref.adversarial) and ref.info["quantized_8bit"]
-    # one clean pass, the checks' 7 passes, then one forward+backward per step (and the start)
-    assert int(ref.queries.max()) <= 8 + STEPS + 1 and "global RNG" in ref.info["rng"]
+    # AutoAttack's clean pass and 7 check passes, APGD's own clean prediction, the start and
+    # one pass per step, the final prediction: every sample (all attacked in one batch)
+    assert torch.equal(ref.queries, torch.full((PAIRS,), 8 + 1 + (STEPS + 1) + 1))
+    assert "global RNG" in ref.info["rng"]
     assert not ref.raised_flags()
 
 
@@ -134,7 +136,7 @@ TORCHATTACKS = [
     ("DIFGSM", {"steps": 2, "diversity_prob": 1.0}, 2),
     ("TIFGSM", {"steps": 2}, 2),
     ("VMIFGSM", {"steps": 2, "N": 2}, 2 * (1 + 2)),
-    ("CW", {"steps": 4, "c": 10.0, "lr": 0.05}, None),
+    ("CW", {"steps": 4, "c": 1000.0, "lr": 0.01}, None),
 ]
 
 
@@ -159,8 +161,14 @@ def test_torchattacks_end_to_end(pairs, name, options, queries):
     after = evaluate(model, None, result.adversarial, refs, SEED).margin.mean()
     print(f"\n{name} {options}: max perturbation {moved.tolist()}, mean margin {before:.3f} -> {after:.3f}, "
           f"projected {result.info['projected']}, queries {result.queries.tolist()}")
-    if name != "CW":  # a few gradient steps must move every image towards its target
-        assert bool((moved > 0).all()) and float(after) > float(before)
+    # a few steps must move the images towards their targets. CW returns a sample it never
+    # fooled unchanged; those it fooled come back projected onto the L2 ball (its result is
+    # minimum-norm, unbounded). Measured: mean margin -0.18 -> -0.07, 2 of 3 moved, both projected.
+    assert float(after) > float(before)
+    if name == "CW":
+        assert int((moved > 0).sum()) >= 1 and result.info["projected"] >= 1
+    else:
+        assert bool((moved > 0).all())
     assert not result.raised_flags()
 
 

@@ -2,7 +2,7 @@
 
 Runs the ``pyautoattack`` package (Croce & Hein's code, packaged; optional extra
 ``iwmf-bench[suites]``) on :class:`.classifier.VerificationClassifier`: two logits
-``(0, goal-signed margin)``, label 0, untargeted. ``version="custom"`` with the attacks
+``(-m/2, m/2)`` from the goal-signed margin ``m``, label 0, untargeted. ``version="custom"`` with the attacks
 that are well defined on two classes:
 
 * ``apgd-ce``: APGD on cross-entropy, ``softplus(margin)`` here (monotone in the margin);
@@ -26,7 +26,8 @@ queries per image (5000), ``restarts`` APGD restarts, Square's ``p_init`` 0.8
 (AutoAttack's value; our ``square`` uses the paper's 0.05). As in AutoAttack, each
 attack runs only on the samples not yet fooled, and a sample it does not fool comes
 back unperturbed. ``queries`` in the result counts every forward pass per image,
-AutoAttack's own checks included (about 8 per image).
+AutoAttack's own passes included (8 for its checks and clean accuracy, one clean
+prediction per attack, one final prediction per attack).
 
 Seeds: AutoAttack seeds torch's global RNG; see :mod:`.classifier_run` (reproducible
 for a seed, global state restored).

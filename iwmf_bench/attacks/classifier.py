@@ -2,12 +2,15 @@
 (AutoAttack, torchattacks) run unchanged on our tasks.
 
 :class:`VerificationClassifier` is an ``nn.Module`` mapping [0,1] images to two logits
-``(0, m)`` where ``m`` is the goal-signed verification margin of :mod:`.base`
+``(-m/2, m/2)`` where ``m`` is the goal-signed verification margin of :mod:`.base`
 (impersonation: ``margin`` against reference ``i``; dodging: ``-margin``). Class 1 means
 "the attacker's goal is met" (accepted as the target for impersonation, rejected for
 dodging); every sample's label is 0 (:meth:`labels`), so an *untargeted* library attack
 on label 0 is exactly our attack. The argmax is 1 when ``m > 0``; our own attacks count
-``m = 0`` as accepted for impersonation, a difference on a set of measure zero.
+``m = 0`` as accepted for impersonation, a difference on a set of measure zero. The logits
+are symmetric rather than ``(0, m)`` because some library losses mask the other classes
+by multiplying with a one-hot vector (torchattacks' CW: ``max((1 - onehot) * z)``), which
+with a zero logit would hide ``m < 0`` and give a zero gradient exactly where it matters.
 
 What the libraries' losses mean on two classes:
 
@@ -15,8 +18,8 @@ What the libraries' losses mean on two classes:
   ``CE(logits, 0) = softplus(m)``, strictly increasing in the margin: well defined,
   same maximizer as our objective (only the step scale differs, and sign/normalized
   steps ignore it);
-* the margin loss ``z_y - max_{j != y} z_j = -m`` (CW's ``f``, Square's margin loss,
-  UPGD ``loss='margin'``): exactly our objective;
+* the margin loss ``z_y - max_{j != y} z_j = -m`` (CW's ``f`` gives ``-m/2``, Square's
+  margin loss, UPGD ``loss='margin'``): exactly our objective (up to the factor);
 * targeted variants with target 1 are the untargeted attack again (two classes);
 * DLR (``(z_y - z_pi1) / (z_pi1 - z_pi3)``) needs the third-largest logit: undefined
   with two classes (>= 3 needed; its targeted form >= 4); so are AutoAttack's APGD-T
@@ -45,7 +48,7 @@ from ..defenses.base import Defense
 
 
 class VerificationClassifier(torch.nn.Module):
-    """Model (+ defense) as a two-class classifier: logits ``(0, goal-signed margin)``."""
+    """Model (+ defense) as a two-class classifier: logits ``(-m/2, m/2)``, m the goal-signed margin."""
 
     def __init__(self, model: torch.nn.Module, references: torch.Tensor, sources: torch.Tensor,
                  defense: Defense | None = None, grad_mode: str = "none", goal: str = "impersonation",
@@ -98,4 +101,4 @@ class VerificationClassifier(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.forward_passes += x.shape[0]
         m = self.margin(x)
-        return torch.stack([torch.zeros_like(m), m], dim=1)
+        return torch.stack([-m / 2, m / 2], dim=1)

@@ -2,7 +2,7 @@
 
 ``{attack: torchattacks, name: MIFGSM, eps: 0.03, steps: 10, decay: 1.0}`` builds
 ``torchattacks.MIFGSM(classifier, eps=0.03, steps=10, decay=1.0)`` on
-:class:`.classifier.VerificationClassifier` (two logits ``(0, goal-signed margin)``,
+:class:`.classifier.VerificationClassifier` (two logits ``(-m/2, m/2)``, m the goal-signed margin,
 label 0, untargeted mode) and runs it on the task's sources. Needs the optional extra
 ``iwmf-bench[suites]``; without it a cell is skipped naming the install command.
 
