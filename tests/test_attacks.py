@@ -351,3 +351,16 @@ def test_grad_mode_resolution(setup):
         APGD(steps=1, grad_mode="exact").run(task(setup, defense=Bpda()))
     with pytest.raises(BenchError):
         APGD(steps=1).run(task(setup, defense=Opaque()))
+
+
+def test_eot_over_a_deterministic_defense_costs_one_draw_per_step(setup):
+    from iwmf_bench.defenses.median import Median
+
+    single = APGD(steps=4, eot_iter=1).run(task(setup, defense=Median(3)))
+    eot = APGD(steps=4, eot_iter=5).run(task(setup, defense=Median(3)))
+    assert eot.queries.tolist() == [5] * len(eot.queries)  # steps + 1, not (steps + 1) * 5
+    assert "deterministic" in eot.info["eot_note"] and "eot_note" not in single.info
+    assert torch.allclose(eot.adversarial, single.adversarial, atol=1e-6)
+    # A random defense keeps every draw.
+    random = APGD(steps=4, eot_iter=5).run(task(setup, defense=IWMF(0.2)))
+    assert random.queries.tolist() == [25] * len(random.queries) and "eot_note" not in random.info

@@ -27,7 +27,9 @@ about 0.0019 on 150x150 RGB faces (CIFAR-10's L2 = 0.5 spread over 22x more pixe
 is weak there: measured on dlib-resnet with the 20 aligned shared pairs, 40 steps, FAR
 5% at L2 0.5, 70% at 1.0, 100% at 2.0 (Linf 0.03: 100%). Pass ``eps`` explicitly for
 a meaningful L2 threat on face-sized images (about 2.0 matches CIFAR's per-pixel RMS).
-Queries per image: ``(steps + 1) * eot_iter`` forward and backward passes.
+Queries per image: ``(steps + 1) * eot_iter`` forward and backward passes, or ``steps + 1``
+when the defense in the loop is deterministic (EOT would repeat one gradient; the result
+says so in ``info["eot_note"]``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import math
 import torch
 
 from ..errors import BenchError
-from .base import Attack, AttackResult, AttackTask, fit_l2_ball, make_generator
+from .base import Attack, AttackResult, AttackTask, fit_l2_ball, is_random, make_generator
 
 
 def checkpoints(steps: int) -> list[int]:
@@ -109,11 +111,10 @@ class APGD(Attack):
         raise BenchError(f"{self.name}: defense {defense.name!r} passes no gradient; attack it with a "
                          "black-box attack (square) or craft on the undefended model (transfer)")
 
-    def _loss_and_grad(self, task, x, generator, grad_mode):
-        """Objective averaged over ``eot_iter`` draws, and its gradient (EOT)."""
+    def _loss_and_grad(self, task, x, generator, grad_mode, draws):
+        """Objective averaged over ``draws`` draws, and its gradient (EOT)."""
         total_loss = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         total_grad = torch.zeros_like(x)
-        draws = self.eot_iter if task.defense is not None else 1
         for _ in range(draws):
             xr = x.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -140,7 +141,14 @@ class APGD(Attack):
             delta = eps * t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         x_adv = (x + delta).clamp(0, 1)
 
-        loss, grad, used = self._loss_and_grad(task, x_adv, defense_gen, grad_mode)
+        # EOT only where there is randomness: over a deterministic defense every draw gives
+        # the same loss and gradient, so one draw per step (the same iterates up to rounding, eot_iter times cheaper).
+        random = task.defense is not None and (task.defense.stochastic or is_random(task.defense, x[:2], task.seed))
+        draws = self.eot_iter if random else 1
+        eot_note = {} if draws == self.eot_iter else {
+            "eot_note": f"defense is deterministic: EOT over {self.eot_iter} draws would repeat one gradient, "
+                        "so one draw per step"}
+        loss, grad, used = self._loss_and_grad(task, x_adv, defense_gen, grad_mode, draws)
         queries = used
         zero_grad = grad.flatten(1).abs().amax(dim=1) == 0
         x_best, loss_best, grad_best = x_adv.clone(), loss.clone(), grad.clone()
@@ -160,7 +168,7 @@ class APGD(Attack):
                 z = project(x_adv + step * _direction(grad, norm), x, norm, eps)
                 x_new = project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x, norm, eps)
                 x_prev, x_adv = x_adv, x_new
-            loss, grad, used = self._loss_and_grad(task, x_adv, defense_gen, grad_mode)
+            loss, grad, used = self._loss_and_grad(task, x_adv, defense_gen, grad_mode, draws)
             queries += used
             zero_grad |= grad.flatten(1).abs().amax(dim=1) == 0
             trace.append(float(loss.mean()))
@@ -189,5 +197,5 @@ class APGD(Attack):
             flags={"zero_gradients": bool(zero_grad.any())},
             info={"objective": loss_best.detach().cpu(), "grad_mode": grad_mode,
                   "zero_gradient_samples": int(zero_grad.sum()), "objective_trace": trace,
-                  "final_step_size": step.flatten().cpu()},
+                  "final_step_size": step.flatten().cpu(), **eot_note},
         )
