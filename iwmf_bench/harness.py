@@ -395,9 +395,15 @@ def run_cells(cells: list[Cell], results_root: str | Path, executor: str = "loca
     bar = tqdm(total=len(cells) - len(skipped), initial=len(cells) - len(skipped) - len(todo), desc="suite",
                unit="cell", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     bar.set_postfix_str(f"{bar.n} cached, {len(skipped)} skipped")
-    for cell in skipped:  # reported up front, outside the bar's rate and ETA
-        records[cell.key] = run_cell(cell, results_root)
-        _report(records[cell.key], bar)
+    by_reason: dict[str, list[str]] = {}
+    for cell in skipped:  # reported up front, one line per reason, outside the bar's rate and ETA
+        records[cell.key] = record = run_cell(cell, results_root)
+        if record["status"] == "skipped":
+            by_reason.setdefault(record.get("reason", ""), []).append(record["name"])
+        else:
+            _report(record, bar)
+    for reason, names in by_reason.items():
+        bar.write(f"skipped {len(names)} cell(s) ({_summary(names)}): {reason}", file=sys.stderr)
     if executor == "local":
         Attack.progress = progress  # attack iterations show under the stage bar, as in `iwmf-bench attack`
         for cell in todo:
@@ -424,6 +430,11 @@ def run_cells(cells: list[Cell], results_root: str | Path, executor: str = "loca
         raise BenchError(f"unknown executor {executor!r}; use 'local' or 'ray'")
     bar.close()
     return [records[c.key] for c in cells]
+
+
+def _summary(names: list[str], shown: int = 3) -> str:
+    """'a, b, c and 5 more' for a list of cell names."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _report(record: dict, bar) -> None:

@@ -375,3 +375,11 @@ def test_threats_key_limits_an_entry_to_some_columns_without_changing_keys(tiny_
     with pytest.raises(BenchError, match=r"defenses.iwmf.threats must be a list of the suite's threat models "
                                          r"\(clean, apgd\), got \['nope'\]"):
         load_suite(cfg)
+
+
+def test_skipped_cells_are_reported_once_per_reason(tiny_run, capsys):
+    suite, results, _ = tiny_run
+    run_cells(suite.cells(), results, progress=False)  # finished cells cached; the skips re-checked
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("skipped")]
+    assert len(lines) == 1 and lines[0].startswith(
+        "skipped 2 cell(s) (dlib-resnet/diffpure/clean, dlib-resnet/diffpure/apgd): weights for 'celeba-hq-ddpm'")
