@@ -166,6 +166,28 @@ class Attention(nn.Module):
         return (flat + self.proj_out(h)).reshape(b, c, *spatial)
 
 
+class ConvDownsample(nn.Module):
+    """Strided 3x3 conv (padding 1 on every side), used when ``resblock_updown`` is off."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class ConvUpsample(nn.Module):
+    """Nearest 2x upsampling then a 3x3 conv, used when ``resblock_updown`` is off."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
 class Block(nn.Sequential):
     """A sequence of ResBlocks (which take the embedding) and attention layers."""
 
@@ -254,25 +276,3 @@ class ADMUNet(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, hs.pop()], dim=1), emb)
         return self.out(h)
-
-
-class ConvDownsample(nn.Module):
-    """Strided 3x3 conv (padding 1 on every side), used when ``resblock_updown`` is off."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
-
-
-class ConvUpsample(nn.Module):
-    """Nearest 2x upsampling then a 3x3 conv, used when ``resblock_updown`` is off."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
