@@ -316,3 +316,13 @@ def test_cli_median_and_bit_depth_are_exact_on_the_shared_images(shared_imgs, tm
     expected = (2 * q * 255 + 7) // 14
     got = np.stack([np.asarray(Image.open(tmp_path / "bits" / Path(n).with_suffix(".png").name)) for n in names])
     assert np.array_equal(got, expected) and len(np.unique(got)) == 8
+
+
+def test_median3_network_equals_the_index_path_with_ties():
+    from iwmf_bench.defenses.median import median3_values, median_filter
+
+    g = torch.Generator().manual_seed(11)
+    for shape in [(2, 3, 16, 16), (1, 3, 15, 9), (3, 2, 5, 4)]:
+        x = (torch.rand(shape, generator=g) * 8).round() / 8  # few levels: many ties
+        with_indices = median_filter(x.clone().requires_grad_(True), 3).detach()  # the autograd path
+        assert torch.equal(median3_values(x), with_indices)

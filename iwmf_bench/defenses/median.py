@@ -39,11 +39,32 @@ def reflect_index(n: int, pad: int, device=None) -> torch.Tensor:
     return torch.where(i >= n, 2 * n - 1 - i, i)
 
 
+# A median-of-9 selection network (Paeth's, as popularised by Devillard's "Fast median
+# search"): 19 compare-exchanges of whole tensors leave the median in position 4.
+_MEDIAN9 = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3), (5, 8), (4, 7),
+            (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2))
+
+
+@torch.no_grad()
+def median3_values(x: torch.Tensor) -> torch.Tensor:
+    """3x3 median values of the NCHW batch ``x`` ('reflect' borders) by the selection network
+    on the nine shifted views: the same values as :func:`median_filter`, several times faster,
+    but without the selected pixels' indices, so only for passes without autograd."""
+    height, width = x.shape[-2:]
+    padded = x.index_select(-2, reflect_index(height, 1, x.device)).index_select(-1, reflect_index(width, 1, x.device))
+    v = [padded[..., i:i + height, j:j + width] for i in range(3) for j in range(3)]
+    for a, b in _MEDIAN9:
+        v[a], v[b] = torch.minimum(v[a], v[b]), torch.maximum(v[a], v[b])
+    return v[4].contiguous()
+
+
 def median_filter(x: torch.Tensor, k: int) -> torch.Tensor:
     """``k x k`` median of every channel of the NCHW batch ``x`` (``k`` odd), borders in
     scipy's ``'reflect'`` mode. Differentiable (gradient to the selected pixel)."""
     if k == 1:
         return x.clone()
+    if k == 3 and not (torch.is_grad_enabled() and x.requires_grad):
+        return median3_values(x)  # inference and black-box queries: no indices needed
     batch, channels, height, width = x.shape
     planes = x.reshape(batch * channels, height * width)
     # Find which input pixel each output selects (no autograd: the window copies are big),
