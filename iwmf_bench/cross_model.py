@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +187,7 @@ def crafted_on_surrogate(cell: Cell, results_root: Path | None) -> tuple[torch.T
     """Adversarial photos crafted on the cell's surrogate (through its defense, if any);
     the same for every model and defense of the suite, so cached on disk."""
     from . import registry
-    from .harness import _attack, _batched, _factory_options, _model, prepare_data
+    from .harness import _attack, _batched, _factory_options, _model, prepare_data, save_adversarial
 
     t = cell.threat_options
     name, model_opts = t["surrogate"], _factory_options(t["surrogate_options"])
@@ -217,10 +216,7 @@ def crafted_on_surrogate(cell: Cell, results_root: Path | None) -> tuple[torch.T
     info = {**info, "surrogate": name, "surrogate_defense": t.get("surrogate_defense"),
             "photo_linf": float((adv.double() - photos.double()).abs().amax())}  # the budget, on the photo
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"adversarial": adv.cpu(), "info": info}, tmp)
-        os.replace(tmp, path)
+        save_adversarial(path, adv, info)
     return adv, info
 
 

@@ -211,11 +211,16 @@ def transfer_adversarial(cell: Cell, model, data: dict, results_root: Path | Non
     refs = _batched(model.embed, data["targets"].to(cell.device), 32)
     adv, info = _attack(cell, model, data["sources"].to(cell.device), refs, None)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"adversarial": adv.cpu(), "info": info}, tmp)
-        os.replace(tmp, path)
+        save_adversarial(path, adv, info)
     return adv, info
+
+
+def save_adversarial(path: Path, adv: torch.Tensor, info: dict) -> None:
+    """Cache adversarial images atomically (temporary file + rename), like result cells."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"adversarial": adv.cpu(), "info": info}, tmp)
+    os.replace(tmp, path)
 
 
 def compute_cell(cell: Cell, results_root: Path | None = None, stage: Callable[[str], None] = lambda s: None) -> dict:

@@ -221,8 +221,9 @@ def test_purifiers_check_channels():
         IWMFDiff(config="tiny", pretrained=False).purify(gray)
 
 
-def test_exact_gradient_matches_finite_differences():
-    d = IWMFDiff(config="tiny", pretrained=False, timesteps=3, dtype=torch.float64)
+@pytest.mark.parametrize("config", ["tiny", "tiny_adm"])  # the DDPM and the ADM architecture
+def test_exact_gradient_matches_finite_differences(config):
+    d = IWMFDiff(config=config, pretrained=False, timesteps=3, dtype=torch.float64)
     gen = torch.Generator().manual_seed(8)
     x = 0.25 + 0.5 * torch.rand(1, 3, 34, 34, generator=gen, dtype=torch.float64)
     w = torch.randn(1, 3, 34, 34, generator=gen, dtype=torch.float64)
