@@ -177,7 +177,8 @@ def adaptive_below_transfer(records: list[dict]) -> list[tuple[str, str, str]]:
                 flagged.append((defense, adaptive["cell"]["threat"],
                                 f"sanity ({defense}): adaptive {adaptive['cell']['threat']} ({100 * a['value']:.1f}%) "
                                 f"is below transfer {transfer['cell']['threat']} ({100 * t['value']:.1f}%) beyond the "
-                                "95% intervals: gradients through the defense are broken or obfuscated"))
+                                "95% intervals: check its gradients through the defense (broken or obfuscated) "
+                                "and its budget"))
     return flagged
 
 

@@ -258,7 +258,8 @@ def test_adaptive_below_transfer_is_flagged_in_table_and_notes(tiny_config, tiny
         row = next(r for r in tables(suite, ok + [adaptive])["dlib-resnet"]["rows"] if r[0] == "none")
         assert row[-2].endswith(" (!)") == flagged
         assert notes == ([f"sanity (none): adaptive apgd-adaptive (0.0%) is below transfer apgd (100.0%) "
-                          "beyond the 95% intervals: gradients through the defense are broken or obfuscated"]
+                          "beyond the 95% intervals: check its gradients through the defense (broken or "
+                          "obfuscated) and its budget"]
                          if flagged else [])
 
 
