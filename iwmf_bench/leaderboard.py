@@ -37,10 +37,12 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
     """Per model: headers, rows (display strings), raw rows (numbers) and skip notes."""
     by = {(r["cell"]["model"], r["cell"]["defense"], r["cell"]["threat"]): r for r in records}
     models = list(dict.fromkeys(r["cell"]["model"] for r in records))
-    threats = [t for t in suite.threat_models if any(k[2] == t for k in by)]
+    all_threats = [t for t in suite.threat_models if any(k[2] == t for k in by)]
     defenses = [d for d in suite.defenses if any(k[1] == d for k in by)]
     out = {}
     for m in models:
+        # Only the columns this model is crossed with (a suite entry's `threats:` may limit them).
+        threats = [t for t in all_threats if any(k[0] == m and k[2] == t for k in by)]
         headers = ["defense", "FRR genuine %"] + [f"FAR {t} %" for t in threats] + ["s/img"]
         rows, raw = [], []
         # Cells whose adaptive attack falls below transfer: marked "(!)", explained in the notes.
