@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_configs_diffusion_is_the_shipped_priors():
     shipped = sorted(p.name for p in (ROOT / "iwmf_bench" / "priors").glob("*.yaml"))
-    assert shipped == ["celeba_hq.yaml", "tiny.yaml"]
+    assert shipped == ["celeba_hq.yaml", "cifar10.yaml", "imagenet_256.yaml", "tiny.yaml", "tiny_adm.yaml"]
     assert sorted(p.name for p in (ROOT / "configs" / "diffusion").glob("*.yaml")) == shipped
     for name in shipped:
         assert load_prior_config(ROOT / "configs" / "diffusion" / name) == load_prior_config(Path(name).stem)
@@ -37,9 +37,9 @@ def test_wheel_ships_priors_and_entry_points(tmp_path):
         (ep_name,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         entry_points = configparser.ConfigParser()
         entry_points.read_string(zf.read(ep_name).decode())
-    assert {"iwmf_bench/priors/celeba_hq.yaml", "iwmf_bench/priors/tiny.yaml"} <= names
+    assert {f"iwmf_bench/priors/{p}.yaml" for p in ("celeba_hq", "cifar10", "imagenet_256", "tiny", "tiny_adm")} <= names
     assert entry_points["console_scripts"]["iwmf-bench"] == "iwmf_bench.cli:main"
-    for group in ("defenses", "models", "attacks"):
+    for group in ("defenses", "models", "attacks", "datasets"):
         # the plugin test may have installed extra names; every built-in must be in the wheel
         built_in = {n for n, e in registry.available(group).items() if e.distribution == "iwmf-bench"}
         assert built_in == set(entry_points[f"iwmf_bench.{group}"]), group
