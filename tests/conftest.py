@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,3 +12,19 @@ def shared_imgs() -> Path:
     if not SHARED_IMGS.is_dir():
         pytest.fail(f"shared test images not found at {SHARED_IMGS} (CI lays ../shared beside the clone)")
     return SHARED_IMGS
+
+
+def align_shared_pairs(shared_imgs: Path, root: Path, model: str, pairs: int) -> dict[str, Path]:
+    """The first ``pairs`` source and target images, aligned for ``model`` into ``root``;
+    returns the aligned folder of each kind."""
+    from iwmf_bench.align import align_folder
+
+    out = {}
+    for kind in ("source", "target"):
+        raw = root / f"raw-{kind}"
+        raw.mkdir()
+        for path in sorted((shared_imgs / kind).iterdir())[:pairs]:
+            shutil.copy(path, raw / path.name)
+        out[kind] = root / kind
+        assert align_folder(raw, out[kind], model=model) == 0
+    return out

@@ -30,6 +30,7 @@ from iwmf_bench.defenses.base import NoDefense
 from iwmf_bench.errors import BenchError
 from iwmf_bench.leaderboard import weaker_than_reference
 from iwmf_bench.suite import load_suite, validate
+from conftest import align_shared_pairs
 
 from test_attacks import TinyFace, images  # noqa: E402  (tests/ is on sys.path)
 
@@ -72,17 +73,7 @@ def test_adapter_logits_are_the_goal_signed_margin():
 
 @pytest.fixture(scope="module")
 def pairs(shared_imgs, tmp_path_factory):
-    from iwmf_bench.align import align_folder
-
-    root = tmp_path_factory.mktemp("suites-aligned")
-    folders = {}
-    for kind in ("source", "target"):
-        raw = root / f"raw-{kind}"
-        raw.mkdir()
-        for path in sorted((shared_imgs / kind).iterdir())[:PAIRS]:
-            shutil.copy(path, raw / path.name)
-        folders[kind] = root / kind
-        assert align_folder(raw, folders[kind], model="dlib-resnet") == 0
+    folders = align_shared_pairs(shared_imgs, tmp_path_factory.mktemp("suites-aligned"), "dlib-resnet", PAIRS)
     model = registry.create("models", "dlib-resnet").eval()
     src, tgt = load_folder(folders["source"]), load_folder(folders["target"])
     with torch.no_grad():

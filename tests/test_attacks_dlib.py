@@ -21,6 +21,7 @@ from iwmf_bench.attacks.apgd import APGD
 from iwmf_bench.attacks.base import AttackTask, check_budget
 from iwmf_bench.data import load_folder, quantize
 from iwmf_bench.defenses.iwmf import IWMF
+from conftest import align_shared_pairs
 
 PAIRS = 8
 STEPS = 10
@@ -31,18 +32,7 @@ SEED = 0
 
 @pytest.fixture(scope="module")
 def aligned(shared_imgs, tmp_path_factory):
-    from iwmf_bench.align import align_folder
-
-    root = tmp_path_factory.mktemp("dlib-aligned")
-    out = {}
-    for kind in ("source", "target"):
-        raw = root / f"raw-{kind}"
-        raw.mkdir()
-        for path in sorted((shared_imgs / kind).iterdir())[:PAIRS]:
-            shutil.copy(path, raw / path.name)
-        out[kind] = root / kind
-        assert align_folder(raw, out[kind], model="dlib-resnet") == 0
-    return out
+    return align_shared_pairs(shared_imgs, tmp_path_factory.mktemp("dlib-aligned"), "dlib-resnet", PAIRS)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import shutil
 import tarfile
 from importlib.metadata import entry_points
 
@@ -27,6 +26,7 @@ from iwmf_bench.metrics import far_frr, pair_scores, roc_auc
 from iwmf_bench.models.faceres import CHECKPOINT, NPM, FaceRes
 from iwmf_bench.npm_weights import verified_files
 from iwmf_bench.tfjs import read_weights
+from conftest import align_shared_pairs
 
 PAIRS = 8  # APGD pairs in the test (the 20-pair figure is in the notes/README)
 STEPS = 10
@@ -359,18 +359,9 @@ def test_genuine_impostor_auc_and_default_threshold(model, aligned_all):
 
 @pytest.fixture(scope="module")
 def attack_pairs(model, shared_imgs, tmp_path_factory):
-    from iwmf_bench.align import align_folder
     from iwmf_bench.data import load_folder
 
-    root = tmp_path_factory.mktemp("faceres-aligned")
-    out = {}
-    for kind in ("source", "target"):
-        raw = root / f"raw-{kind}"
-        raw.mkdir()
-        for path in sorted((shared_imgs / kind).iterdir())[:PAIRS]:
-            shutil.copy(path, raw / path.name)
-        out[kind] = root / kind
-        assert align_folder(raw, out[kind], model="faceres") == 0
+    out = align_shared_pairs(shared_imgs, tmp_path_factory.mktemp("faceres-aligned"), "faceres", PAIRS)
     src, tgt = load_folder(out["source"]), load_folder(out["target"])
     with torch.no_grad():
         refs = model.embed(tgt.images)
