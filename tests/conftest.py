@@ -2,6 +2,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_IMGS = ROOT.parent / "shared" / "data" / "iwmfdiff-imgs"
@@ -28,3 +29,13 @@ def align_shared_pairs(shared_imgs: Path, root: Path, model: str, pairs: int) ->
         out[kind] = root / kind
         assert align_folder(raw, out[kind], model=model) == 0
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny workloads (gradcheck, small UNets): with several intra-op threads on a busy
+    machine each op waits on thread wake-ups, so run on one thread and restore the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,13 +18,7 @@ from iwmf_bench.weights import resolve
 ABAR = ddrm.alphas_cumprod(ddrm.beta_schedule("linear", 1e-4, 0.02, 1000))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These workloads are tiny: intra-op threads only add contention on shared CI cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny workloads: see conftest
 
 
 # --- DDRM with an analytic Gaussian oracle ----------------------------------------------

@@ -117,17 +117,6 @@ def test_differentiable_jpeg_handles_sizes_that_are_not_whole_mcus(faces, size):
     assert (exact - jpeg.purify(x)).abs().mean() * 255 < 1.6
 
 
-@pytest.fixture
-def one_thread():
-    """gradcheck runs thousands of forwards of a tiny image: with several intra-op
-    threads on a busy machine each one waits on thread wake-ups (minutes instead of
-    seconds), so use one thread and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_exact_gradient_passes_a_finite_difference_check(one_thread):
     g = torch.Generator().manual_seed(0)

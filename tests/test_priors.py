@@ -16,12 +16,7 @@ from iwmf_bench.errors import WeightsError
 from iwmf_bench.weights import get_checkpoint, resolve, verify
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny workloads: see conftest
 
 
 # --- layouts, written from the published architecture descriptions ------------------------
