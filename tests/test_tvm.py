@@ -137,10 +137,46 @@ def test_seeded_chunkable_and_independent_of_global_rng():
     assert torch.equal(gen.get_state(), before)
 
 
+@pytest.mark.parametrize("dtype,atol_out,rtol_grad", [(torch.float64, 1e-13, 1e-11), (torch.float32, 1e-5, 1e-4)])
+def test_compiled_solver_equals_the_torch_iterations(dtype, atol_out, rtol_grad):
+    # The compiled per-plane solver and its written-out adjoint against the same iterations
+    # as torch operations differentiated by autograd (odd sizes, several planes, a border).
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 19, 23, generator=g, dtype=dtype)
+    mask = draw_keep_mask(2, (3, 19, 23), 0.5, torch.Generator().manual_seed(1))
+    v = torch.randn(x.shape, generator=g, dtype=dtype)
+    outs, grads = [], []
+    for compiled in (True, False):
+        xr = x.clone().requires_grad_(True)
+        out = tv_reconstruct(xr, mask, LAM, 30, compiled=compiled)
+        outs.append(out.detach())
+        grads.append(torch.autograd.grad(out, xr, v)[0])
+    scale = float(grads[1].abs().max())
+    print(f"{dtype}: max |out diff| {float((outs[0] - outs[1]).abs().max()):.2e}, "
+          f"max |grad diff| {float((grads[0] - grads[1]).abs().max()):.2e} of {scale:.2f}")
+    assert (outs[0] - outs[1]).abs().max() <= atol_out
+    assert (grads[0] - grads[1]).abs().max() <= rtol_grad * scale
+    # Without autograd the same kernel runs: the same values.
+    with torch.no_grad():
+        assert torch.equal(tv_reconstruct(x, mask, LAM, 30), outs[0])
+
+
+def test_compiled_solver_gradcheck_and_refuses_a_second_derivative():
+    x = (0.2 + 0.6 * torch.rand(1, 2, 9, 11, generator=torch.Generator().manual_seed(0),
+                                dtype=torch.float64)).requires_grad_(True)
+    mask = draw_keep_mask(1, (2, 9, 11), 0.5, torch.Generator().manual_seed(1))
+    assert torch.autograd.gradcheck(lambda t: tv_reconstruct(t, mask, LAM, 7, compiled=True), (x,),
+                                    eps=1e-6, atol=1e-8, rtol=1e-6)
+    # A second derivative would silently lack the Hessian terms: refused, naming the way out.
+    with pytest.raises(BenchError, match="compiled=False"):
+        torch.autograd.grad(tv_reconstruct(x, mask, LAM, 7).sum(), x, create_graph=True)
+
+
 @pytest.mark.slow
 def test_exact_gradient_passes_gradcheck():
-    # Few iterations so that several checkpoint blocks (of round(sqrt(6)) = 2) are crossed;
-    # values away from 0 and 1 so the final clamp is inactive.
+    # Through the defense (mask drawn inside, generator re-seeded): the compiled solver, and
+    # the torch iterations with few iterations so that several checkpoint blocks (of
+    # round(sqrt(6)) = 2) are crossed; values away from 0 and 1 so the final clamp is inactive.
     x = (0.2 + 0.6 * torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(0),
                                 dtype=torch.float64)).requires_grad_(True)
     defense = TVM(iterations=6)
@@ -148,7 +184,13 @@ def test_exact_gradient_passes_gradcheck():
     def fn(t):
         return defense.purify(t, torch.Generator().manual_seed(0), grad_mode="exact")
 
+    def torch_iterations(t):
+        mask = draw_keep_mask(1, (3, 12, 12), 0.5, torch.Generator().manual_seed(0))
+        return tv_reconstruct(t, mask, LAM, 6, compiled=False)
+
+    assert torch.equal(fn(x), torch_iterations(x))
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradcheck(torch_iterations, (x,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 def test_checkpointing_bounds_saved_memory_and_changes_no_gradient():
@@ -166,7 +208,7 @@ def test_checkpointing_bounds_saved_memory_and_changes_no_gradient():
 
         xr = x.clone().requires_grad_(True)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = tv_reconstruct(xr, mask, LAM, iterations, checkpoint=checkpoint)
+            out = tv_reconstruct(xr, mask, LAM, iterations, checkpoint=checkpoint, compiled=False)
         (grad,) = torch.autograd.grad(out, xr, v)
         return sum(saved.values()) / (x.numel() * x.element_size()), grad  # in images
 

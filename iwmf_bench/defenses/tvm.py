@@ -44,17 +44,27 @@ this against a reference minimiser), so the default is 100 iterations. The outpu
 clamped to [0,1] (the minimiser lies there; unconverged iterates may overshoot by a
 hair).
 
-Gradients. ``exact`` differentiates through the unrolled iterations. The iterations run
-in blocks of about ``sqrt(iterations)`` under activation checkpointing, so autograd
-keeps two images per block plus one block's activations while it recomputes it,
-instead of every iteration's activations. ``bpda`` is the straight-through
-approximation (Athalye et al. 2018 used BPDA against exactly this defense).
+Speed. On CPU (float32/float64) the iterations run compiled (numba): each (image,
+channel) plane is solved by one thread in cache, all iterations in one call, planes in
+parallel; about 4x faster than the same iterations as torch operations (which serve the
+GPU and half precision, and equal the compiled solver to float64 rounding: tests).
+
+Gradients. ``exact`` differentiates through the unrolled iterations. Compiled: the
+backward recomputes a plane's iterates and runs the adjoint recursion of the iterations
+written out (:func:`_fista_planes_backward`; memory: one plane per iteration per thread);
+it is differentiable once. As torch operations, the iterations run in blocks of about
+``sqrt(iterations)`` under activation checkpointing, so autograd keeps two images per
+block plus one block's activations while it recomputes it, instead of every iteration's
+activations. ``bpda`` is the straight-through approximation (Athalye et al. 2018 used
+BPDA against exactly this defense).
 """
 
 from __future__ import annotations
 
 import math
 
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
@@ -147,13 +157,166 @@ def _fista_block(z, y, x, mask, momenta, lam, eps, step):
     return z, y
 
 
+# --- The compiled CPU solver -------------------------------------------------------------
+# Every (image, channel) plane is an independent problem of a few tens of kilobytes, so one
+# thread solves a whole plane in cache, all iterations at once (numba, planes in parallel),
+# instead of some thirty image-sized element-wise passes through memory per iteration. The
+# backward recomputes a plane's iterates and runs the adjoint recursion of the unrolled
+# iterations (see :class:`_CompiledFista`); its memory is one plane per iteration per thread.
+
+
+@numba.njit(cache=True, nogil=True)
+def _plane_flux(y, v, eps2, wx, wy):  # pragma: no cover - compiled
+    """Per pixel, with ``g`` the forward differences of ``y`` and ``n = sqrt(|g|^2 + eps^2)``:
+    ``w = g / n`` (the TV gradient's flux) when ``v`` is None, else the derivative of
+    ``g / n`` along the differences ``u`` of ``v``: ``u / n - g (g . u) / n^3``.
+
+    ``wx`` is (H, W+1) and ``wy`` (H+1, W): pixel (i, j)'s values go to ``wx[i, j+1]`` and
+    ``wy[i+1, j]``; column 0 of ``wx`` and row 0 of ``wy`` stay zero, and so do the last
+    column / row of the flux (the differences vanish there), so :func:`_adjoint_at` needs
+    no branch."""
+    height, width = y.shape
+    for i in range(height):
+        last_row = i == height - 1
+        for j in range(width):
+            gx = y[i, j + 1] - y[i, j] if j < width - 1 else 0.0
+            gy = 0.0 if last_row else y[i + 1, j] - y[i, j]
+            inv = 1.0 / np.sqrt(gx * gx + gy * gy + eps2)
+            if v is None:
+                wx[i, j + 1] = gx * inv
+                wy[i + 1, j] = gy * inv
+            else:
+                ux = v[i, j + 1] - v[i, j] if j < width - 1 else 0.0
+                uy = 0.0 if last_row else v[i + 1, j] - v[i, j]
+                dot = (gx * ux + gy * uy) * inv * inv * inv
+                wx[i, j + 1] = ux * inv - gx * dot
+                wy[i + 1, j] = uy * inv - gy * dot
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _adjoint_at(wx, wy, i, j):  # pragma: no cover - compiled
+    """``D^T w`` at pixel (i, j) (see :func:`_differences_adjoint`), on the padded flux."""
+    return wx[i, j] - wx[i, j + 1] + wy[i, j] - wy[i + 1, j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _zero_flux(height, width, dtype_like):  # pragma: no cover - compiled
+    """The padded flux buffers of :func:`_plane_flux`, zero, in ``dtype_like``'s dtype."""
+    return (np.zeros((height, width + 1), dtype_like.dtype), np.zeros((height + 1, width), dtype_like.dtype))
+
+
+@numba.njit(cache=True, nogil=True)
+def _plane_solve(x, m, z, y, momenta, lam, eps2, step, wx, wy, history):  # pragma: no cover - compiled
+    """FISTA on one plane, in place on ``z`` and ``y`` (both the start point on entry);
+    ``history[k]`` receives ``y_k`` when ``history`` is given (for the backward)."""
+    height, width = x.shape
+    for k in range(momenta.shape[0]):
+        if history is not None:
+            history[k] = y
+        _plane_flux(y, None, eps2, wx, wy)
+        beta = momenta[k]
+        for i in range(height):
+            for j in range(width):
+                grad = m[i, j] * (y[i, j] - x[i, j]) + lam * _adjoint_at(wx, wy, i, j)
+                z_next = y[i, j] - step * grad
+                y[i, j] = z_next + beta * (z_next - z[i, j])
+                z[i, j] = z_next
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _fista_planes(x, m, z0, momenta, lam, eps2, step, out):  # pragma: no cover - compiled
+    """Solve every (image, channel) plane of ``x`` (B, C, H, W) from ``z0``; result in ``out``."""
+    batch, channels, height, width = x.shape
+    for p in numba.prange(batch * channels):
+        b, c = p // channels, p % channels
+        z = z0[b, c].copy()
+        y = z0[b, c].copy()
+        wx, wy = _zero_flux(height, width, x)
+        _plane_solve(x[b, c], m[b, c], z, y, momenta, lam, eps2, step, wx, wy, None)
+        out[b, c] = z
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _fista_planes_backward(x, m, z0, momenta, lam, eps2, step, grad_out, grad_x, grad_z0):  # pragma: no cover
+    """Vector-Jacobian product of :func:`_fista_planes` with ``grad_out``, per plane.
+
+    With ``z_{k+1} = y_k - step G(y_k)`` (``G`` the objective's gradient, whose Jacobian
+    in ``y`` is the symmetric Hessian ``H(y) v = M v + lam D^T J(D y) D v``, and in ``x`` is
+    ``-M``) and ``y_{k+1} = (1 + beta_k) z_{k+1} - beta_k z_k``, the adjoints run backwards
+    from ``(zbar_K, ybar_K) = (grad_out, 0)``:
+    ``v = zbar_{k+1} + (1 + beta_k) ybar_{k+1}`` (all that reaches ``z_{k+1}``),
+    ``zbar_k = -beta_k ybar_{k+1}``, ``ybar_k = v - step H(y_k) v``, ``xbar += step M v``;
+    and ``z_0 = y_0`` is the start point, whose adjoint is ``zbar_0 + ybar_0``.
+    """
+    batch, channels, height, width = x.shape
+    iterations = momenta.shape[0]
+    for p in numba.prange(batch * channels):
+        b, c = p // channels, p % channels
+        xp, mp = x[b, c], m[b, c]
+        z = z0[b, c].copy()
+        y = z0[b, c].copy()
+        wx, wy = _zero_flux(height, width, x)
+        history = np.empty((iterations, height, width), x.dtype)
+        _plane_solve(xp, mp, z, y, momenta, lam, eps2, step, wx, wy, history)
+        zbar = grad_out[b, c].copy()
+        ybar = np.zeros((height, width), x.dtype)
+        v = np.empty((height, width), x.dtype)
+        xbar = np.zeros((height, width), x.dtype)
+        for k in range(iterations - 1, -1, -1):
+            beta = momenta[k]
+            for i in range(height):
+                for j in range(width):
+                    v[i, j] = zbar[i, j] + (1.0 + beta) * ybar[i, j]
+                    zbar[i, j] = -beta * ybar[i, j]
+            _plane_flux(history[k], v, eps2, wx, wy)
+            for i in range(height):
+                for j in range(width):
+                    hv = mp[i, j] * v[i, j] + lam * _adjoint_at(wx, wy, i, j)
+                    ybar[i, j] = v[i, j] - step * hv
+                    xbar[i, j] += step * mp[i, j] * v[i, j]
+        grad_x[b, c] = xbar
+        grad_z0[b, c] = zbar + ybar
+
+
+class _CompiledFista(torch.autograd.Function):
+    """The FISTA iterations from a start point ``z0`` (compiled, CPU float32/float64):
+    ``(z0, x) -> z_K``, with the backward of the unrolled iterations written out
+    (:func:`_fista_planes_backward`). Differentiable once (attacks need no more): a backward
+    with ``create_graph=True`` raises instead of returning a graph without the Hessian terms."""
+
+    @staticmethod
+    def forward(ctx, z0, x, mask, momenta, lam, eps, step):
+        arrays = [t.detach().contiguous() for t in (x, mask, z0)]
+        out = torch.empty_like(arrays[0])
+        _fista_planes(*(a.numpy() for a in arrays), momenta, lam, eps * eps, step, out.numpy())
+        ctx.save_for_backward(*arrays)
+        ctx.constants = (momenta, lam, eps, step)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: the written-out adjoint is not recorded
+            raise BenchError("tvm: the compiled solver is differentiable once; for second derivatives "
+                             "(create_graph=True) run the torch iterations: tv_reconstruct(..., compiled=False)")
+        x, mask, z0 = ctx.saved_tensors
+        momenta, lam, eps, step = ctx.constants
+        grad_x, grad_z0 = torch.empty_like(x), torch.empty_like(x)
+        _fista_planes_backward(x.numpy(), mask.numpy(), z0.numpy(), momenta, lam, eps * eps, step,
+                               grad.contiguous().numpy(), grad_x.numpy(), grad_z0.numpy())
+        return grad_z0, grad_x, None, None, None, None, None
+
+
 def tv_reconstruct(x: torch.Tensor, mask: torch.Tensor, lam: float, iterations: int,
-                   eps: float = EPS, checkpoint: bool | None = None) -> torch.Tensor:
+                   eps: float = EPS, checkpoint: bool | None = None,
+                   compiled: bool | None = None) -> torch.Tensor:
     """Minimise the objective for a given keep ``mask`` (same shape as ``x``, any dtype
     convertible to ``x``'s) with ``iterations`` FISTA steps; output clamped to [0,1].
 
-    ``checkpoint`` (default: whenever autograd records) runs the iterations in blocks of
-    about ``sqrt(iterations)`` under activation checkpointing.
+    ``compiled`` (default: on CPU in float32/float64) runs the iterations in the compiled
+    per-plane solver, whose backward is the written-out adjoint of the unrolled iterations;
+    otherwise (GPU, half precision, ``compiled=False``) they run as torch operations, and
+    ``checkpoint`` (default: whenever autograd records) runs them in blocks of about
+    ``sqrt(iterations)`` under activation checkpointing.
     """
     if x.dim() != 4 or mask.shape != x.shape:
         raise BenchError(f"tv_reconstruct expects NCHW images and a mask of the same shape, "
@@ -162,6 +325,11 @@ def tv_reconstruct(x: torch.Tensor, mask: torch.Tensor, lam: float, iterations: 
     step = 1.0 / (1.0 + 8.0 * lam / eps)
     momenta = _momentum_schedule(iterations)
     z = _start_point(x, mask)
+    if compiled is None:
+        compiled = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if compiled:
+        weights = np.asarray(momenta, dtype=np.float64)
+        return _CompiledFista.apply(z, x, mask, weights, float(lam), float(eps), float(step)).clamp(0.0, 1.0)
     y = z
     if checkpoint is None:
         checkpoint = torch.is_grad_enabled() and x.requires_grad
