@@ -36,6 +36,7 @@ from iwmf_bench.attacks.base import AttackTask
 from iwmf_bench.attacks.square import Square
 from iwmf_bench.data import load_folder
 from iwmf_bench.defenses.iwmf import IWMF
+from iwmf_bench.models.base import frozen
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "iwmfdiff-imgs"
 
@@ -74,7 +75,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_grad_enabled(True)
-    model = registry.create("models", "dlib-resnet").eval()
+    model = frozen(registry.create("models", "dlib-resnet"))
     with tempfile.TemporaryDirectory() as tmp:
         src, tgt = aligned_pairs(args.pairs, Path(tmp))
     x = src.images

@@ -22,6 +22,7 @@ from tabulate import tabulate
 
 from iwmf_bench import registry
 from iwmf_bench.errors import BenchError
+from iwmf_bench.models.base import frozen
 
 
 def rate(fn, batch: int, repeats: int, device: str) -> str:
@@ -56,7 +57,7 @@ def main() -> None:
     rows = []
     for name in names:
         try:
-            model = registry.create("models", name).to(args.device).eval()
+            model = frozen(registry.create("models", name), args.device)
         except (BenchError, ImportError) as exc:
             rows.append([name, "-", f"not available: {str(exc)[:100]}", ""])
             continue

@@ -10,6 +10,7 @@ except PackageNotFoundError:  # running from a source tree without installing
 from .defenses.diffusion import iwmfdiff  # noqa: E402
 from .defenses.iwmf import iwmf, iwmf_apply  # noqa: E402
 from .registry import available, create  # noqa: E402
+from .models.base import frozen  # noqa: E402
 
 
 def get_defense(name: str, **kwargs):
@@ -18,8 +19,9 @@ def get_defense(name: str, **kwargs):
 
 
 def load_model(name: str, **kwargs):
-    """Build a registered face model, e.g. ``load_model("dlib-resnet")``."""
-    return create("models", name, **kwargs)
+    """Build a registered face model, e.g. ``load_model("dlib-resnet")``: in eval mode,
+    its parameters frozen (attacks differentiate with respect to the input)."""
+    return frozen(create("models", name, **kwargs))
 
 
 def get_attack(name: str, **kwargs):

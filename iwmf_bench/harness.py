@@ -32,6 +32,7 @@ from .attacks.base import Attack, AttackTask, make_generator
 from .data import load_folder, quantize
 from .devices import resolve_device
 from .errors import BenchError, MissingExtraError, NotApplicableError, WeightsError
+from .models.base import frozen
 from .suite import SUITE_KEYS, SURROGATE_KEYS, Cell
 
 # -- result cache ----------------------------------------------------------------------
@@ -142,7 +143,7 @@ def _data_for(cell: Cell, model) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def _model(name: str, options_json: str, device: str):
-    return registry.create("models", name, **json.loads(options_json)).to(device).eval()
+    return frozen(registry.create("models", name, **json.loads(options_json)), device)
 
 
 def _factory_options(options: dict) -> dict:

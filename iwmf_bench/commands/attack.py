@@ -21,6 +21,7 @@ from ..attacks.adaptive import evaluate
 from ..attacks.base import AttackTask
 from ..data import check_output_folder, load_folder, read_image, save_images
 from ..errors import BenchError
+from ..models.base import frozen
 from .purify import add_defense_options, build_defense, defense_kwargs
 
 
@@ -105,7 +106,7 @@ def run(args) -> int:
                          f"only in sources: {[f'{i:05d}' for i in only_s]}, "
                          f"only in targets: {[f'{i:05d}' for i in only_t]})")
 
-    model = registry.create("models", args.model).to(args.device).eval()
+    model = frozen(registry.create("models", args.model), args.device)
     defense = build_defense(args) if args.defense else None
     x = sources.images.to(args.device)
     with torch.no_grad():

@@ -8,6 +8,7 @@ import json
 import yaml
 
 from ..errors import BenchError
+from ..models.base import frozen
 
 # Common dataset options get their own flags; any other goes through -O KEY=VALUE.
 FLAGS = ("root", "pairs_file", "identity_file", "path", "sources", "targets", "ext")
@@ -58,7 +59,7 @@ def run(args) -> int:
     if not 0 < args.far < 1:  # before loading anything
         check_far(args.far, 1)
     model_opts = {"weights": args.weights} if args.weights else {}
-    model = registry.create("models", args.model, **model_opts).to(args.device).eval()
+    model = frozen(registry.create("models", args.model, **model_opts), args.device)
     record = cached_calibration(model, args.model, model_opts, args.dataset, dataset_options(args), args.far,
                                 align=not args.no_align, device=args.device, seed=args.seed,
                                 resamples=args.resamples, drop_no_face=args.drop_no_face)

@@ -8,6 +8,7 @@ import torch
 
 from .. import metrics, registry
 from ..data import load_folder
+from ..models.base import frozen
 
 
 def register(sub):
@@ -24,7 +25,7 @@ def register(sub):
 
 def run(args) -> int:
     kwargs = {"weights": args.weights} if args.weights else {}
-    model = registry.create("models", args.model, **kwargs).to(args.device).eval()
+    model = frozen(registry.create("models", args.model, **kwargs), args.device)
     probes = load_folder(args.input, size=model.input_size)
     refs = load_folder(args.references, size=model.input_size)
     with torch.no_grad():

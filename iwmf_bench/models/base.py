@@ -28,6 +28,15 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
                          antialias=True).clamp(0, 1)
 
 
+def frozen(model: torch.nn.Module, device: str | torch.device | None = None) -> torch.nn.Module:
+    """A face model as the benchmark uses it: in eval mode with its parameters frozen (on
+    ``device`` when given). Attacks differentiate with respect to the input only; gradients
+    of the weights would nearly double the cost of every backward pass."""
+    if device is not None:
+        model = model.to(device)
+    return model.eval().requires_grad_(False)
+
+
 class FaceModel(torch.nn.Module):
     """Base class of face recognition models (see the module docstring)."""
 
