@@ -28,6 +28,10 @@ Autograd through thousands of in-place slice assignments costs several full-imag
 per window in the backward (seconds per batch of 20), so the paper's loop is timed
 ``--paper-repeats`` times (default 2) after its warm-up.
 
+TVM is also timed with its iterations as torch operations (what runs on a GPU, and ran
+on the CPU before the compiled solver) on the same masks, and the speed-up of the
+compiled solver over them (the script checks that both compute the same function).
+
 On a shared machine, ``--threads 1`` avoids the stalls of torch's intra-op threads
 waiting for a descheduled sibling (which hit the paper's backward hardest).
 """
@@ -45,6 +49,7 @@ from tabulate import tabulate
 
 from iwmf_bench import registry
 from iwmf_bench.defenses.iwmf import draw_centres, iwmf_apply
+from iwmf_bench.defenses.tvm import draw_keep_mask, tv_reconstruct
 
 GRAD_MODES = ("bpda", "exact")
 SKIPPED = {
@@ -148,6 +153,34 @@ def time_paper_iwmf(batches, args) -> list[list[str]]:
     return rows
 
 
+def time_tvm_torch(batches, args) -> list[list[str]]:
+    """TVM's compiled solver vs the same iterations as torch operations, same masks."""
+    d = registry.get("defenses", "tvm").factory()
+    rows = []
+    for batch in batches:
+        g = torch.Generator().manual_seed(batch)
+        x = torch.rand(batch, 3, args.size, args.size, generator=g).to(args.device)
+        v = torch.randn(x.shape, generator=g).to(args.device)
+        mask = draw_keep_mask(batch, (3, args.size, args.size), d.keep, g).to(args.device)
+
+        def run(t, compiled):
+            return tv_reconstruct(t, mask, d.lam, d.iterations, d.eps, compiled=compiled)
+
+        gap = (run(x, True) - run(x, False)).abs().max().item()
+        if gap > 1e-4:
+            raise SystemExit(f"TVM's compiled solver and its torch iterations disagree by {gap:.2e}")
+        timings = {c: [timed(lambda: run(x, c), args.repeats, args.device),
+                       timed(fwd_bwd(lambda t: run(t, c), x, v), args.repeats, args.device)] for c in (True, False)}
+        setting = f"{d.iterations} iterations, keep {d.keep:g}, same masks"
+        rows.append(["tvm, torch iterations", batch, cell(timings[False][0], batch), "-",
+                     cell(timings[False][1], batch), setting])
+        rows.append(["tvm compiled speed-up", batch, f"{timings[False][0][1] / timings[True][0][1]:.1f}x", "-",
+                     f"{timings[False][1][1] / timings[True][1][1]:.1f}x", "torch iterations' median / compiled median"])
+        for row in rows[-2:]:
+            print(f"  {row}", file=sys.stderr, flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--defenses", default=None, help="comma-separated registry names (default: all)")
@@ -191,6 +224,8 @@ def main() -> None:
             continue
         if name == "iwmf":
             rows.extend(time_paper_iwmf(batches, args))
+        if name == "tvm" and args.device == "cpu":
+            rows.extend(time_tvm_torch(batches, args))
 
     print(f"Defenses at {args.size}x{args.size}, device={args.device}, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads. "
