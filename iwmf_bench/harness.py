@@ -371,8 +371,8 @@ def run_cell(cell: Cell | dict, results_root: str | Path | None, stage: Callable
 
 def predict_skips(cells: list[Cell]) -> set[str]:
     """Keys of the cells that will come back ``skipped`` here (a requirement this machine
-    lacks, or a model/defense whose weights are missing), found by building each distinct
-    model and defense once. Lets the local executor report them first and size its
+    lacks, a model/defense whose weights are missing, an attack whose optional library is
+    not installed), found by building each distinct model, defense and attack once. Lets the local executor report them first and size its
     progress bar (and ETA) to the cells it will actually compute."""
     built: dict[str, Any] = {}  # None: missing weights
 
@@ -390,6 +390,10 @@ def predict_skips(cells: list[Cell]) -> set[str]:
     def skips(cell: Cell) -> bool:
         if cell.missing_requirement is not None or build(cell.model, build_model, cell, cell.model_options) is None:
             return True
+        if cell.threat_options.get("attack"):
+            attack = build("attack", build_attack, cell, cell.threat_options)
+            if attack not in (None, False) and attack.missing_libraries():
+                return True
         defense = build("defense", build_defense, cell, cell.defense_options)
         if defense is None:
             return True

@@ -206,10 +206,15 @@ def test_missing_library_gives_a_skipped_row(shared_imgs, tmp_path, monkeypatch)
         (tmp_path / kind).mkdir()
         for path in sorted((shared_imgs / kind).iterdir())[:2]:
             shutil.copy(path, tmp_path / kind / path.name)
+    from iwmf_bench.harness import predict_skips
+
     suite = load_suite(_write(tmp_path))
+    assert not predict_skips(suite.cells())  # both libraries are installed in the dev venv
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # `import torchattacks` now fails
     monkeypatch.setitem(sys.modules, "pyautoattack", None)
-    for cell in suite.cells():
+    # Predicted before anything runs (the progress bar and ETA count only computed cells) ...
+    assert predict_skips(suite.cells()) == {c.key for c in suite.cells()}
+    for cell in suite.cells():  # ... and skipped when run
         record = run_cell(cell, None)
         assert record["status"] == "skipped", record
         assert "pip install 'iwmf-bench[suites]'" in record["reason"]

@@ -65,6 +65,7 @@ class AutoAttack(Attack):
 
     registered_name = "autoattack"
     uses_gradients = True
+    libraries = ("pyautoattack",)
 
     def __init__(self, norm: str = "Linf", eps: float | None = None, attacks: tuple | list = TWO_CLASS_ATTACKS,
                  steps: int = 100, queries: int = 5000, restarts: int = 1, p_init: float = 0.8,
@@ -99,7 +100,7 @@ class AutoAttack(Attack):
                 "restarts": self.restarts, "p_init": self.p_init, "grad_mode": self.grad_mode}
 
     def _run(self, task: AttackTask) -> AttackResult:
-        aa = import_library("pyautoattack", self.name)
+        aa = import_library(self.libraries[0], self.name)
         x = task.sources
         n = x.shape[0]
         needs_grad = task.defense is not None and "apgd-ce" in self.attacks

@@ -42,6 +42,8 @@ or the gradient obfuscated).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -230,6 +232,16 @@ def check_deterministic(attack: "Attack", task: AttackTask) -> AttackResult:
     return first
 
 
+def _installed(module: str) -> bool:
+    """Whether ``import module`` can find it (a ``None`` in ``sys.modules`` blocks it)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 class Attack:
     """Base class of attacks (see the module docstring for the contract)."""
 
@@ -240,6 +252,9 @@ class Attack:
     quantize_output: ClassVar[bool] = True
     #: Show a progress bar over the iterations (``iwmf-bench attack`` turns it on).
     progress: bool = False
+    #: Optional libraries the attack imports when it runs (an optional extra); without them
+    #: its cells are skipped, which the harness predicts before running anything.
+    libraries: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, norm: str = "Linf", eps: float | None = None, goal: str = "impersonation",
                  eot_iter: int = 1):
@@ -257,6 +272,10 @@ class Attack:
     @property
     def name(self) -> str:
         return self.registered_name or type(self).__name__.lower()
+
+    def missing_libraries(self) -> list[str]:
+        """Those of :attr:`libraries` that are not installed here (nothing is imported)."""
+        return [m for m in self.libraries if not _installed(m)]
 
     def config(self) -> dict[str, Any]:
         """Parameters that identify this attack in results."""

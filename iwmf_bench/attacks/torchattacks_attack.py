@@ -71,6 +71,7 @@ class TorchAttacks(Attack):
 
     registered_name = "torchattacks"
     uses_gradients = True
+    libraries = ("torchattacks",)
 
     def __init__(self, name: str = "PGD", norm: str | None = None, eps: float | None = None,
                  goal: str = "impersonation", grad_mode: str | None = None, **options: Any):
@@ -111,7 +112,7 @@ class TorchAttacks(Attack):
         return {**super().config(), "name": self.attack_name, "grad_mode": self.grad_mode, **self.options}
 
     def _run(self, task: AttackTask) -> AttackResult:
-        ta = import_library("torchattacks", self.name)
+        ta = import_library(self.libraries[0], self.name)
         x = task.sources
         n = x.shape[0]
         grad_mode = "none" if task.defense is None else APGD.resolve_grad_mode(self, task)  # same rule as apgd
