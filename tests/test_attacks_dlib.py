@@ -142,6 +142,28 @@ def test_cli_attack(aligned, tmp_path):
     assert r.returncode == 2 and "does not take --steps" in r.stderr
 
 
+def test_cli_attack_options(aligned, tmp_path):
+    pytest.importorskip("torchattacks")
+    out = tmp_path / "adv"
+    r = _cli("attack", "--attack", "torchattacks", "-A", "name=MIFGSM", "-A", "decay=1.0", "--steps", "2",
+             "--model", "dlib-resnet", "--sources", aligned["source"], "--targets", aligned["target"],
+             "--output", out, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["attack"]["name"] == "MIFGSM" and report["attack"]["decay"] == 1.0
+    assert report["attack"]["steps"] == 2 and report["max_perturbation"] <= 0.03 + 1e-6
+    # Options the attack does not take, or given twice: one line, exit 2.
+    r = _cli("attack", "--attack", "apgd", "-A", "bogus=1", "--model", "dlib-resnet", "--sources",
+             aligned["source"], "--targets", aligned["target"], "--output", tmp_path / "x")
+    assert r.returncode == 2 and "does not take -A bogus" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _cli("attack", "--attack", "apgd", "--steps", "2", "-A", "steps=3", "--model", "dlib-resnet",
+             "--sources", aligned["source"], "--targets", aligned["target"], "--output", tmp_path / "x")
+    assert r.returncode == 2 and "'steps' is given twice" in r.stderr
+    r = _cli("attack", "--attack", "torchattacks", "-A", "name=NoSuchAttack", "--model", "dlib-resnet",
+             "--sources", aligned["source"], "--targets", aligned["target"], "--output", tmp_path / "x")
+    assert r.returncode == 2 and "unknown or unsupported class 'NoSuchAttack'" in r.stderr
+
+
 def test_adaptive_exact_through_iwmfdiff_reaches_the_pixels(pairs):
     # The whole differentiable chain on a real face model: 150 px faces -> IWMF -> resize to
     # the prior's 32 px -> DDRM steps (tiny random UNet) -> resize back -> dlib. A few exact

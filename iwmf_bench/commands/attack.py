@@ -22,7 +22,7 @@ from ..attacks.base import AttackTask
 from ..data import check_output_folder, load_folder, read_image, save_images
 from ..errors import BenchError
 from ..models.base import frozen
-from .purify import add_defense_options, build_defense, defense_kwargs
+from .purify import add_defense_options, build_defense, defense_kwargs, parse_option
 
 
 def register(sub):
@@ -32,6 +32,9 @@ def register(sub):
     p.add_argument("--eps", type=float, default=None, help="perturbation budget (default: 0.03 Linf, 0.5 L2)")
     p.add_argument("--steps", type=int, default=None, help="iterations (gradient attacks)")
     p.add_argument("--queries", type=int, default=None, help="query budget per image (black-box attacks)")
+    p.add_argument("--attack-option", "-A", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other keyword of the attack, VALUE read as YAML (repeatable), e.g. "
+                   "--attack torchattacks -A name=MIFGSM -A decay=1.0")
     p.add_argument("--goal", choices=["impersonation", "dodging"], default="impersonation",
                    help="dodging: the targets are the sources' own identities, to be rejected")
     p.add_argument("--model", required=True, help="registered face model (see `iwmf-bench list`)")
@@ -61,6 +64,11 @@ def attack_kwargs(args, factory) -> dict:
                        ("grad_mode", "grad_mode")):
         if getattr(args, option) is not None:
             given[kw] = getattr(args, option)
+    for text in args.attack_option:
+        key, value = parse_option(text, "--attack-option", "name=MIFGSM")
+        if key in given:
+            raise BenchError(f"attack option {key!r} is given twice (as a flag and with -A, or twice with -A)")
+        given[key] = value
     params = registry.accepted_options(factory)
     if params is None:  # takes **kwargs or cannot be introspected: let the call decide
         return given
@@ -70,6 +78,7 @@ def attack_kwargs(args, factory) -> dict:
     for kw in given:
         if kw not in params:
             option = {"eot_iter": "--eot"}.get(kw, "--" + kw.replace("_", "-"))
+            option = f"-A {kw}" if any(parse_option(t)[0] == kw for t in args.attack_option) else option
             raise BenchError(f"attack {args.attack!r} does not take {option} "
                              f"(it takes: {', '.join(params)})")
     return given

@@ -36,15 +36,16 @@ def add_defense_options(p) -> None:
                    "-D timesteps=10 -D dtype=bf16 -D channels_last=true -D compile=true")
 
 
-def _parse_option(text: str) -> tuple[str, object]:
+def parse_option(text: str, flag: str = "--defense-option", example: str = "timesteps=10") -> tuple[str, object]:
+    """``KEY=VALUE`` from the command line: the key as a keyword name, the value read as YAML."""
     key, sep, value = text.partition("=")
     key = key.strip().replace("-", "_")
     if not sep or not key.isidentifier():
-        raise BenchError(f"--defense-option expects KEY=VALUE (e.g. timesteps=10), got {text!r}")
+        raise BenchError(f"{flag} expects KEY=VALUE (e.g. {example}), got {text!r}")
     try:
         return key, yaml.safe_load(value)
     except yaml.YAMLError as exc:
-        raise BenchError(f"--defense-option {text!r}: VALUE is not valid YAML ({exc})") from None
+        raise BenchError(f"{flag} {text!r}: VALUE is not valid YAML ({exc})") from None
 
 
 def defense_kwargs(args) -> dict:
@@ -52,7 +53,7 @@ def defense_kwargs(args) -> dict:
     names = {"lambda_0": "lambda_0", "s": "s", "sigma_y": "sigma_y", "weights": "weights"}
     kwargs = {kw: getattr(args, attr) for attr, kw in names.items() if getattr(args, attr, None) is not None}
     for text in getattr(args, "defense_option", []):
-        key, value = _parse_option(text)
+        key, value = parse_option(text)
         if key in kwargs:
             raise BenchError(f"defense option {key!r} is given twice")
         kwargs[key] = value
