@@ -371,8 +371,9 @@ def run_cell(cell: Cell | dict, results_root: str | Path | None, stage: Callable
 
 def predict_skips(cells: list[Cell]) -> set[str]:
     """Keys of the cells that will come back ``skipped`` here (a requirement this machine
-    lacks, a model/defense whose weights are missing, an attack whose optional library is
-    not installed), found by building each distinct model, defense and attack once. Lets the local executor report them first and size its
+    lacks, a model/defense whose weights are missing, a cross-model surrogate (or its
+    defense) whose weights are missing, an attack whose optional library is not
+    installed), found by building each distinct model, defense and attack once. Lets the local executor report them first and size its
     progress bar (and ETA) to the cells it will actually compute."""
     built: dict[str, Any] = {}  # None: missing weights
 
@@ -390,9 +391,20 @@ def predict_skips(cells: list[Cell]) -> set[str]:
     def skips(cell: Cell) -> bool:
         if cell.missing_requirement is not None or build(cell.model, build_model, cell, cell.model_options) is None:
             return True
-        if cell.threat_options.get("attack"):
-            attack = build("attack", build_attack, cell, cell.threat_options)
+        t = cell.threat_options
+        if t.get("attack"):
+            attack = build("attack", build_attack, cell, t)
             if attack not in (None, False) and attack.missing_libraries():
+                return True
+        if t.get("surrogate"):
+            options = t.get("surrogate_options") or {}
+            surrogate = build(t["surrogate"], lambda c: _model(t["surrogate"], json.dumps(
+                _factory_options(options), sort_keys=True), c.device), cell, options)
+            if surrogate is None:
+                return True
+            if t.get("surrogate_defense_options") and build("defense", lambda c: registry.create(
+                    "defenses", t["surrogate_defense_options"]["defense"],
+                    **_factory_options(t["surrogate_defense_options"])), cell, t["surrogate_defense_options"]) is None:
                 return True
         defense = build("defense", build_defense, cell, cell.defense_options)
         if defense is None:

@@ -192,6 +192,26 @@ def test_invalid_surrogate_options_fail_at_load_with_one_line(shared_imgs, tmp_p
         assert "unknown model 'nope'" in r.stderr and not (tmp_path / "r").exists()
 
 
+def test_missing_surrogate_weights_are_predicted_and_skipped(shared_imgs, tmp_path, monkeypatch):
+    from iwmf_bench.harness import predict_skips, run_cell
+
+    config = tmp_path / "s.yaml"
+    config.write_text(SUITE.format(src=shared_imgs / "source", tgt=shared_imgs / "target")
+                      .replace("surrogate: dlib-resnet, norm: Linf, eps: 0.03, steps: 5",
+                               "surrogate: faceres, norm: Linf, eps: 0.03, steps: 5"))
+    suite = load_suite(config)
+    monkeypatch.setenv("IWMF_BENCH_HOME", str(tmp_path / "empty-home"))  # no faceres weights here
+    _model.cache_clear()  # a faceres built by an earlier test must not answer for this home
+    try:
+        predicted = {c.name for c in suite.cells() if c.key in predict_skips(suite.cells())}
+        assert predicted == {"dlib-resnet/none/from-dlib", "dlib-resnet/iwmf/from-dlib"}  # crafted on faceres
+        cell = next(c for c in suite.cells() if c.name == "dlib-resnet/none/from-dlib")
+        record = run_cell(cell, None)
+        assert record["status"] == "skipped" and "iwmf-bench fetch faceres" in record["reason"]
+    finally:
+        _model.cache_clear()
+
+
 @pytest.mark.slow
 def test_sanity_notes_compare_cross_model_cells_only_with_the_same_surrogate(tiny_run):
     from iwmf_bench.leaderboard import sanity_notes
