@@ -220,6 +220,12 @@ def test_lambda_zero_is_identity_and_bad_input_is_refused():
     assert torch.equal(IWMF(lambda_0=0.0).purify(x, torch.Generator().manual_seed(0)), x)
     with pytest.raises(BenchError, match="NaN"):
         IWMF().purify(torch.full((1, 3, 8, 8), float("nan")))
+    for bad in (float("nan"), float("inf"), -float("inf")):  # one bad value in a valid batch
+        y = torch.rand(2, 3, 8, 8)
+        y[1, 2, 3, 4] = bad
+        with pytest.raises(BenchError, match=r"contains 1 NaN or infinite value\(s\), the first at "
+                                             r"\(image, channel, row, col\) = \(1, 2, 3, 4\)"):
+            IWMF().purify(y)
     with pytest.raises(BenchError, match=r"\[0,1\]"):
         IWMF().purify(torch.full((1, 3, 8, 8), 255.0))
     with pytest.raises(BenchError, match="4-D"):

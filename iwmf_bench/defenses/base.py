@@ -14,6 +14,7 @@ same shape. It declares
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -36,10 +37,15 @@ def check_images(x: torch.Tensor, what: str = "images", channels: int | None = N
     if not x.is_floating_point():
         raise BenchError(f"{what}: expected floating point values in [0,1], got dtype {x.dtype} "
                          "(divide uint8 images by 255)")
+    if x.numel() == 0:
+        return
     with torch.no_grad():
-        if not torch.isfinite(x).all():
-            raise BenchError(f"{what}: contains NaN or infinite values")
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = (float(v) for v in torch.aminmax(x))  # one pass; NaN or inf shows up here
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            bad = ~torch.isfinite(x)
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise BenchError(f"{what}: contains {int(bad.sum())} NaN or infinite value(s), the first at "
+                             f"(image, channel, row, col) = {first}")
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise BenchError(f"{what}: values must lie in [0,1], found range [{lo:.4g}, {hi:.4g}] "
                          "(images in [-1,1] or [0,255] must be rescaled first)")
