@@ -373,8 +373,9 @@ def predict_skips(cells: list[Cell]) -> set[str]:
     """Keys of the cells that will come back ``skipped`` here (a requirement this machine
     lacks, a model/defense whose weights are missing, a cross-model surrogate (or its
     defense) whose weights are missing, an attack whose optional library is not
-    installed), found by building each distinct model, defense and attack once. Lets the local executor report them first and size its
-    progress bar (and ETA) to the cells it will actually compute."""
+    installed), found by building each distinct model, defense and attack once. Lets the
+    local executor report them first and size its progress bar (and ETA) to the cells it
+    will actually compute."""
     built: dict[str, Any] = {}  # None: missing weights
 
     def build(kind: str, builder: Callable[[Cell], Any], cell: Cell, options: dict) -> Any:
@@ -397,14 +398,17 @@ def predict_skips(cells: list[Cell]) -> set[str]:
             if attack not in (None, False) and attack.missing_libraries():
                 return True
         if t.get("surrogate"):
-            options = t.get("surrogate_options") or {}
-            surrogate = build(t["surrogate"], lambda c: _model(t["surrogate"], json.dumps(
-                _factory_options(options), sort_keys=True), c.device), cell, options)
-            if surrogate is None:
-                return True
-            if t.get("surrogate_defense_options") and build("defense", lambda c: registry.create(
-                    "defenses", t["surrogate_defense_options"]["defense"],
-                    **_factory_options(t["surrogate_defense_options"])), cell, t["surrogate_defense_options"]) is None:
+            name, options = t["surrogate"], t.get("surrogate_options") or {}
+            defense_options = t.get("surrogate_defense_options")
+
+            def surrogate(c: Cell):
+                return _model(name, json.dumps(_factory_options(options), sort_keys=True), c.device)
+
+            def surrogate_defense(c: Cell):
+                return registry.create("defenses", defense_options["defense"], **_factory_options(defense_options))
+
+            if build(name, surrogate, cell, options) is None or (
+                    defense_options and build("defense", surrogate_defense, cell, defense_options) is None):
                 return True
         defense = build("defense", build_defense, cell, cell.defense_options)
         if defense is None:

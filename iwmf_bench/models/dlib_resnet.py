@@ -502,7 +502,9 @@ class DlibResNet(FaceModel):
             folded = [fold_affine(self.conv1, self.affine1)]
             folded += [(fold_affine(u.conv_a, u.affine_a), fold_affine(u.conv_b, u.affine_b)) for u in self.units]
         if key is not None:
-            self._folded_key, self._folded = key, folded
+            # Holding the parameters' storages keeps their addresses from being reused by a
+            # replacement tensor (``param.data = ...``) that would then match the key.
+            self._folded_key, self._folded, self._folded_hold = key, folded, [q.detach() for q in params]
         return folded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
