@@ -117,12 +117,18 @@ def get_checkpoint(name: str) -> Checkpoint:
     return CHECKPOINTS[name]
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm)
+def file_digests(path: Path, *algorithms: str, chunk: int = 1 << 20) -> dict[str, str]:
+    """Hex digests of ``path`` for each hashlib algorithm, in one read of the file."""
+    hashes = {a: hashlib.new(a) for a in algorithms}
     with open(path, "rb") as f:
         while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+            for h in hashes.values():
+                h.update(block)
+    return {a: h.hexdigest() for a, h in hashes.items()}
+
+
+def sha256_of(path: Path) -> str:
+    return file_digests(path, "sha256")["sha256"]
 
 
 def _pin_file(path: Path) -> Path:
@@ -142,13 +148,15 @@ def verify(ckpt: Checkpoint, path: Path) -> str:
     if ckpt.size is not None and size != ckpt.size:
         raise WeightsError(f"{path}: size {size} bytes, expected {ckpt.size} for {ckpt.name} "
                            f"(truncated or altered file); delete it and run `iwmf-bench fetch {ckpt.name}`")
-    digest = sha256_of(path)
+    md5 = ckpt.extra.get("md5")
+    digests = file_digests(path, "sha256", *(["md5"] if md5 is not None else []))
+    digest = digests["sha256"]
     expected = expected_sha256(ckpt, path)
     if expected is not None and digest != expected:
         raise WeightsError(f"{path}: sha256 {digest[:16]}... does not match {expected[:16]}... for {ckpt.name} "
                            f"(corrupt or altered file); delete it and run `iwmf-bench fetch {ckpt.name}`")
     # A published MD5 (e.g. DDRM's) is a second, independent check where no sha256 is known.
-    if (md5 := ckpt.extra.get("md5")) is not None and (found := sha256_of(path, algorithm="md5")) != md5:
+    if md5 is not None and (found := digests["md5"]) != md5:
         raise WeightsError(f"{path}: md5 {found} does not match the published {md5} for {ckpt.name} "
                            f"(corrupt or altered file); delete it and run `iwmf-bench fetch {ckpt.name}`")
     return digest
