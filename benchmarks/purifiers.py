@@ -89,6 +89,15 @@ def paper_iwmf(x: torch.Tensor, centres: torch.Tensor, s: int) -> torch.Tensor:
     return out
 
 
+def inputs(batch: int, args):
+    """The batch's generator (seeded by the batch size, carried on for its own draws),
+    random images and a random cotangent for the backward."""
+    g = torch.Generator().manual_seed(batch)
+    x = torch.rand(batch, 3, args.size, args.size, generator=g).to(args.device)
+    v = torch.randn(x.shape, generator=g).to(args.device)
+    return g, x, v
+
+
 def fwd_bwd(purify, x: torch.Tensor, cotangent: torch.Tensor):
     """A closure timing one differentiable purification plus its backward."""
     xg = x.clone().requires_grad_(True)
@@ -105,9 +114,7 @@ def fwd_bwd(purify, x: torch.Tensor, cotangent: torch.Tensor):
 def time_defense(defense, batches, args) -> list[list[str]]:
     rows = []
     for batch in batches:
-        g = torch.Generator().manual_seed(batch)
-        x = torch.rand(batch, 3, args.size, args.size, generator=g).to(args.device)
-        v = torch.randn(x.shape, generator=g).to(args.device)
+        g, x, v = inputs(batch, args)
         row = [defense.name, batch]
         fwd = timed(lambda: defense.purify(x, torch.Generator().manual_seed(1), "none"), args.repeats, args.device)
         row.append(cell(fwd, batch))
@@ -131,9 +138,7 @@ def time_paper_iwmf(batches, args) -> list[list[str]]:
     lam, s = defaults.lambda_0, defaults.s
     rows = []
     for batch in batches:
-        g = torch.Generator().manual_seed(batch)
-        x = torch.rand(batch, 3, args.size, args.size, generator=g).to(args.device)
-        v = torch.randn(x.shape, generator=g).to(args.device)
+        g, x, v = inputs(batch, args)
         centres = draw_centres(batch, args.size, args.size, int(lam * args.size ** 2), s, g, shared=True)
         gap = (iwmf_apply(x, centres, s) - paper_iwmf(x, centres, s)).abs().max().item()
         if gap > 1e-5:
@@ -158,9 +163,7 @@ def time_tvm_torch(batches, args) -> list[list[str]]:
     d = registry.get("defenses", "tvm").factory()
     rows = []
     for batch in batches:
-        g = torch.Generator().manual_seed(batch)
-        x = torch.rand(batch, 3, args.size, args.size, generator=g).to(args.device)
-        v = torch.randn(x.shape, generator=g).to(args.device)
+        g, x, v = inputs(batch, args)
         mask = draw_keep_mask(batch, (3, args.size, args.size), d.keep, g).to(args.device)
 
         def run(t, compiled):
