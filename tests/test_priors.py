@@ -21,17 +21,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny workloads: see confte
 
 # --- layouts, written from the published architecture descriptions ------------------------
 
-def ddpm_layout(res, ch, mult, nrb, attn, in_ch=3, out_ch=3):
-    """Keys and shapes of a DDPM UNet as ported by pytorch_diffusion (DDRM's Model)."""
-    t = 4 * ch
-    keys = {}
-
+def layout_writers(keys):
+    """``add(name, *shape)``: a weight of that shape and its bias; ``norm(name, c)``: a
+    normalization's weight and bias of ``c`` channels; both record into ``keys``."""
     def add(name, *shape):
         keys[name + ".weight"] = shape
         keys[name + ".bias"] = shape[:1]
 
     def norm(name, c):
         keys[name + ".weight"] = keys[name + ".bias"] = (c,)
+
+    return add, norm
+
+
+def ddpm_layout(res, ch, mult, nrb, attn, in_ch=3, out_ch=3):
+    """Keys and shapes of a DDPM UNet as ported by pytorch_diffusion (DDRM's Model)."""
+    t = 4 * ch
+    keys = {}
+    add, norm = layout_writers(keys)
 
     def resblock(p, cin, cout):
         norm(p + ".norm1", cin)
@@ -84,13 +91,7 @@ def adm_layout(res, ch, mult, nrb, attn, in_ch=3, out_ch=6):
     resampling ResBlocks (Dhariwal & Nichol 2021; the 256x256 unconditional model)."""
     t = 4 * ch
     keys = {}
-
-    def add(name, *shape):
-        keys[name + ".weight"] = shape
-        keys[name + ".bias"] = shape[:1]
-
-    def norm(name, c):
-        keys[name + ".weight"] = keys[name + ".bias"] = (c,)
+    add, norm = layout_writers(keys)
 
     def resblock(p, cin, cout):
         norm(p + ".in_layers.0", cin)
