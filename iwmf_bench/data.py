@@ -9,6 +9,7 @@ and the problem.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -48,7 +49,25 @@ def parse_name(path: Path) -> tuple[int, int]:
 
 
 def read_image(path: Path) -> torch.Tensor:
-    """One image as float [0,1] (3, H, W) RGB; DataError if unreadable."""
+    """One image as float [0,1] (3, H, W) RGB; DataError if unreadable or too large.
+
+    An image over Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, about
+    89 megapixels: Pillow warns above it and refuses above twice that) is refused in both
+    cases, before it is decoded: a face needs far fewer pixels, and decoding one such file
+    can take gigabytes of memory.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between the limit and twice the limit; make that an error too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decode(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        detail = " ".join(str(exc).split())
+        raise DataError(f"{path}: image too large to decode safely ({detail}); downscale or crop it (a face "
+                        "needs a few hundred pixels a side) or remove the file") from None
+
+
+def _decode(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.load()

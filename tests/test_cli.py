@@ -64,6 +64,21 @@ def test_bad_input_exits_2_with_one_line(shared_imgs, tmp_path):
         assert "Traceback" not in r.stderr
 
 
+def test_decompression_bomb_exits_2_with_one_line(tmp_path):
+    from test_data_metrics import png_claiming_size
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "00000_1.png")
+    png_claiming_size(folder / "00001_1.png", 20000, 20000)  # 400 megapixels claimed, 66 bytes on disk
+    r = cli("purify", "--defense", "iwmf", "--input", folder, "--output", tmp_path / "out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("iwmf-bench: error:")
+    assert "00001_1.png" in lines[0] and "too large" in lines[0] and "downscale" in lines[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_unknown_defense_is_a_clean_error(tmp_path, shared_imgs):
     r = cli("purify", "--defense", "nope", "--input", shared_imgs / "source", "--output", tmp_path)
     assert r.returncode == 2 and "unknown defense 'nope'" in r.stderr and "Traceback" not in r.stderr

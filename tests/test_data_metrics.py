@@ -1,6 +1,8 @@
 """Image folder protocol and verification metrics."""
 
 import math
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -132,3 +134,31 @@ def test_far_frr_can_skip_only_the_diagonal():
     r = far_frr(s, [0, 0, 1], [0, 0, 1], threshold=0.6, metric="cosine", exclude_diagonal=True)
     # genuine off-diagonal: (0,1) 0.7 accepted, (1,0) 0.5 rejected; impostors (0,2) (1,2) (2,0) (2,1) rejected
     assert (r["frr"].k, r["frr"].n, r["far"].k, r["far"].n) == (1, 2, 0, 4)
+
+
+def png_claiming_size(path, width, height):
+    """A tiny, well-formed PNG whose header claims ``width x height`` (8-bit RGB): Pillow
+    opens it as that size (the pixel data is never reached), so a decompression-bomb
+    size costs 66 bytes on disk, not hundreds of megabytes."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("side", [20000, 10000])  # over twice Pillow's limit (its error); over it (its warning)
+def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch, side):
+    with monkeypatch.context() as m:  # with the check off, Pillow opens the header as that size
+        m.setattr(Image, "MAX_IMAGE_PIXELS", None)
+        with Image.open(png_claiming_size(tmp_path / "probe.png", side, side)) as im:
+            assert im.size == (side, side)
+    (tmp_path / "probe.png").unlink()
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(tmp_path / "00000_1.png")
+    png_claiming_size(tmp_path / "00001_1.png", side, side)
+    with pytest.raises(DataError) as err:
+        load_folder(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "00001_1.png" in message
+    assert f"{side * side} pixels" in message and "too large" in message and "downscale" in message
