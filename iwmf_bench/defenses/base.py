@@ -57,6 +57,9 @@ class Defense(torch.nn.Module):
     stochastic: ClassVar[bool] = False
     grad_modes: ClassVar[tuple[str, ...]] = ("none", "bpda", "exact")
     channels: int | None = None  # channels the defense needs (None: any)
+    #: One :meth:`purify` call on the stacked draws equals the loop of calls (each image
+    #: consumes the generator in turn, as much whatever the batch), see :meth:`purify_draws`.
+    draws_in_one_call: ClassVar[bool] = False
 
     def _purify(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
@@ -64,6 +67,11 @@ class Defense(torch.nn.Module):
     def purify(self, x: torch.Tensor, generator: torch.Generator | None = None,
                grad_mode: str = "none") -> torch.Tensor:
         """Purify ``x`` (values in [0,1]); ``grad_mode`` says how gradients pass."""
+        return self._with_grad_mode(x, grad_mode, lambda images: self._purify(images, generator))
+
+    def _with_grad_mode(self, x: torch.Tensor, grad_mode: str, purifier) -> torch.Tensor:
+        """Check ``grad_mode`` and ``x``, then run ``purifier(x)`` with gradients passing as
+        ``grad_mode`` says (shared by :meth:`purify` and overrides of :meth:`purify_draws`)."""
         if grad_mode not in GRAD_MODES:
             raise BenchError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
         if grad_mode != "none" and grad_mode not in self.grad_modes:
@@ -71,13 +79,34 @@ class Defense(torch.nn.Module):
                              f"(supported: {', '.join(self.grad_modes)})")
         check_images(x, "input to purify", self.channels)
         if grad_mode == "exact":
-            return self._purify(x, generator)
+            return purifier(x)
         with torch.no_grad():
-            out = self._purify(x.detach(), generator)
+            out = purifier(x.detach())
         if grad_mode == "bpda":
             # Forward: the purified image. Backward: identity (straight-through).
             return x + (out - x).detach()
         return out
+
+    def purify_draws(self, x: torch.Tensor, generator: torch.Generator | None = None, draws: int = 1,
+                     grad_mode: str = "none") -> torch.Tensor:
+        """Several draws of the purification in one call: ``x`` holds ``draws`` equal-sized
+        chunks (draw-major: rows ``d*B .. (d+1)*B - 1`` are draw ``d``), and the result is,
+        exactly, that of ``draws`` consecutive :meth:`purify` calls on the chunks carrying
+        ``generator`` along, concatenated.
+
+        EOT attacks (several draws of the randomness per step) call this once per step.
+        The default is that loop. A defense overrides it to run all draws as one batch (one
+        big kernel call: what a GPU wants) while consuming ``generator`` exactly as the loop
+        does, so an attack's results do not depend on which path ran; one whose images each
+        consume the generator in turn, independently of the batch (no draws per call),
+        only needs to set :attr:`draws_in_one_call`. tests/test_batched_eot.py checks every
+        registered defense against the loop.
+        """
+        if int(draws) != draws or draws < 1 or x.shape[0] % draws:
+            raise BenchError(f"purify_draws: {x.shape[0]} images do not split into {draws} equal draws")
+        if draws == 1 or self.draws_in_one_call:
+            return self.purify(x, generator, grad_mode)
+        return torch.cat([self.purify(chunk, generator, grad_mode) for chunk in x.split(x.shape[0] // draws)])
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.purify(x, generator)

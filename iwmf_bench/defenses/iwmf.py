@@ -302,5 +302,28 @@ class IWMF(Defense):
     def _purify(self, x, generator):
         return iwmf(x, self.lambda_0, self.s, generator, self.shared)
 
+    def purify_draws(self, x, generator=None, draws=1, grad_mode="none"):
+        """All draws in one kernel call, with the loop's windows (see :meth:`Defense.purify_draws`).
+
+        Per-image sequences: image ``i`` of a call consumes the generator's numbers
+        ``[2 n i, 2 n (i+1))`` whatever the batch, so one call on the stacked draws *is*
+        the loop. Shared sequences: the loop draws one sequence per call, so draw them in
+        that order, one per draw, and give each draw's chunk its own.
+        """
+        if int(draws) != draws or draws < 1 or x.shape[0] % draws:
+            raise BenchError(f"purify_draws: {x.shape[0]} images do not split into {draws} equal draws")
+        if draws == 1 or not self.shared:
+            return self.purify(x, generator, grad_mode)
+        if x.dim() != 4:
+            raise BenchError(f"iwmf expects a 4-D NCHW batch, got shape {tuple(x.shape)}")
+        if generator is None:
+            generator = torch.Generator()
+            generator.seed()  # fresh OS entropy; never touches the global RNG
+        chunk, (height, width) = x.shape[0] // draws, x.shape[-2:]
+        n = int(self.lambda_0 * height * width)
+        centres = torch.cat([draw_centres(chunk, height, width, n, self.s, generator, shared=True)
+                             .expand(chunk, n, 2) for _ in range(draws)])
+        return self._with_grad_mode(x, grad_mode, lambda images: iwmf_apply(images, centres, self.s))
+
     def config(self):
         return {"lambda_0": self.lambda_0, "s": self.s, "shared": self.shared}
