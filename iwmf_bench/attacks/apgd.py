@@ -29,7 +29,9 @@ is weak there: measured on dlib-resnet with the 20 aligned shared pairs, 40 step
 a meaningful L2 threat on face-sized images (about 2.0 matches CIFAR's per-pixel RMS).
 Queries per image: ``(steps + 1) * eot_iter`` forward and backward passes, or ``steps + 1``
 when the defense in the loop is deterministic (EOT would repeat one gradient; the result
-says so in ``info["eot_note"]``).
+says so in ``info["eot_note"]``). The draws of a step go through the defense in one
+``purify_draws`` call (one big batch: what a GPU wants), with the same randomness, and so
+the same iterates bit for bit, as one call per draw (:attr:`Attack.batched_eot`).
 """
 
 from __future__ import annotations
@@ -112,7 +114,33 @@ class APGD(Attack):
                          "black-box attack (square) or craft on the undefended model (transfer)")
 
     def _loss_and_grad(self, task, x, generator, grad_mode, draws):
-        """Objective averaged over ``draws`` draws, and its gradient (EOT)."""
+        """Objective averaged over ``draws`` draws, and its gradient (EOT).
+
+        The draws of a step go through the defense together (:meth:`Attack.objective_draws`,
+        at most :attr:`draws_per_call` per call), each draw's share of the loss and gradient
+        then added up in draw order, as the loop of one call per draw
+        (:attr:`batched_eot` False) adds them: the sums are the same bit for bit.
+        """
+        if not self.batched_eot or task.defense is None or draws == 1:
+            return self._loss_and_grad_loop(task, x, generator, grad_mode, draws)
+        n = x.shape[0]
+        per_call = draws if self.draws_per_call is None else max(1, min(draws, int(self.draws_per_call)))
+        total_loss = torch.zeros(n, dtype=x.dtype, device=x.device)
+        total_grad = torch.zeros_like(x)
+        for first in range(0, draws, per_call):
+            group = min(per_call, draws - first)
+            xs = x.detach().repeat(group, 1, 1, 1).requires_grad_(True)
+            with torch.enable_grad():
+                obj = self.objective_draws(task, xs, generator, grad_mode, group)
+                (grad,) = torch.autograd.grad(obj.sum(), xs, allow_unused=True)
+            for d in range(group):
+                total_loss += obj[d * n:(d + 1) * n].detach()
+                if grad is not None:
+                    total_grad += grad[d * n:(d + 1) * n]
+        return total_loss / draws, total_grad / draws, draws
+
+    def _loss_and_grad_loop(self, task, x, generator, grad_mode, draws):
+        """:meth:`_loss_and_grad` with one ``purify`` call per draw."""
         total_loss = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         total_grad = torch.zeros_like(x)
         for _ in range(draws):

@@ -16,7 +16,9 @@ with a targeted DLR loss or boundary search: with two classes the only target is
 
 The ``rand`` flavour (AutoAttack's version for randomized defenses: EOT over 20 draws)
 is ``eot_iter > 1``: each APGD step averages the gradient over that many forward passes,
-each a fresh draw of the defense's randomness (the adapter's generator advances).
+each a fresh draw of the defense's randomness (the adapter's generator advances); the
+adapter purifies a step's draws in one ``purify_draws`` call, with the loop's randomness
+and the loop's gradients bit for bit (see :mod:`.classifier`).
 AutoAttack's own ``rand`` version also runs APGD-DLR, undefined here. Over a
 deterministic defense extra draws are identical, so ``eot_iter`` is cut to 1 and the
 result says so (``info["eot_note"]``).
@@ -110,6 +112,8 @@ class AutoAttack(Attack):
         classifier = VerificationClassifier(task.model, task.references, x, task.defense, grad_mode, self.goal,
                                             task.threshold, make_generator(task.seed, self.name, "defense"),
                                             self.norm)
+        # The rand flavour's EOT loop purifies its draws in one call (same results; see .classifier).
+        classifier.eot_draws, classifier.batched_eot = eot, self.batched_eot
         counter = QueryCounter(n, self.name, self.progress)
         classifier.on_rows = counter
         seed = derive_seed(task.seed, self.name, "library") % (2 ** 31)

@@ -255,6 +255,13 @@ class Attack:
     #: Optional libraries the attack imports when it runs (an optional extra); without them
     #: its cells are skipped, which the harness predicts before running anything.
     libraries: ClassVar[tuple[str, ...]] = ()
+    #: EOT attacks evaluate all draws of a step in one ``purify_draws`` call (what a GPU
+    #: wants); False: one ``purify`` call per draw, the loop it replaced. Both give the same
+    #: images bit for bit (tests/test_batched_eot.py); not part of :meth:`config`.
+    batched_eot: bool = True
+    #: At most this many draws per ``purify_draws`` call (None: all of a step's): bounds the
+    #: memory of exact gradients through big purifiers without changing any result.
+    draws_per_call: int | None = None
 
     def __init__(self, norm: str = "Linf", eps: float | None = None, goal: str = "impersonation",
                  eot_iter: int = 1):
@@ -292,10 +299,31 @@ class Attack:
         """Goal-signed margin per sample (higher is better for the attacker) of one
         forward pass through ``task.defense`` (if any) and the model."""
         z = x if task.defense is None else task.defense.purify(x, generator, grad_mode)
+        return self.purified_objective(task, z)
+
+    def purified_objective(self, task: AttackTask, z: torch.Tensor) -> torch.Tensor:
+        """Goal-signed margin per sample of images ``z`` already through the defense
+        (row ``i`` against reference ``i``)."""
         emb = task.model.embed(z)
         m = metrics.margin(metrics.scores(emb, task.references, task.model.metric),
                            task.decision_threshold, task.model.metric)
         return m if self.goal == "impersonation" else -m
+
+    def objective_draws(self, task: AttackTask, xs: torch.Tensor, generator: torch.Generator | None,
+                        grad_mode: str, draws: int) -> torch.Tensor:
+        """The objective of ``draws`` draws of the defense's randomness at once: ``xs`` is
+        ``draws`` copies of the N images stacked draw-major, the result ``(draws * N,)``.
+
+        All draws go through one :meth:`Defense.purify_draws` call (the same randomness as
+        ``draws`` consecutive :meth:`objective` calls); the model then sees each draw as
+        its own batch of N, on a fresh buffer, as in those calls: a convolution may pick
+        another algorithm, and round differently, for another batch size or alignment, and
+        the values and gradients must stay those of the loop bit for bit (the committed
+        leaderboards were computed with it).
+        """
+        z = xs if task.defense is None else task.defense.purify_draws(xs, generator, draws, grad_mode)
+        n = z.shape[0] // draws
+        return torch.cat([self.purified_objective(task, chunk.clone()) for chunk in z.split(n)])
 
     def succeeded(self, objective: torch.Tensor) -> torch.Tensor:
         """Impersonation: accepted (margin >= 0); dodging: rejected (margin < 0)."""

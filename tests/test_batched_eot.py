@@ -1,0 +1,125 @@
+"""Batched EOT: all draws of a step in one ``purify_draws`` call give exactly what the loop
+of one ``purify`` call per draw gave (same randomness, same images, same gradients), for
+every registered defense and for the attacks that average over draws. The committed
+leaderboards were computed with the loop, so "exactly" here means bit for bit."""
+
+import pytest
+import torch
+
+from iwmf_bench import load_model, registry
+from iwmf_bench.attacks.apgd import APGD
+from iwmf_bench.attacks.base import AttackTask
+from iwmf_bench.data import load_folder
+from iwmf_bench.defenses.base import Defense
+from iwmf_bench.defenses.iwmf import IWMF
+from iwmf_bench.errors import BenchError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small workloads: see conftest
+
+TINY_DIFFUSION = {"config": "tiny", "pretrained": False, "timesteps": 2}
+# Every built-in defense, CPU-cheap settings (TVM: few solver iterations; diffusion: the
+# tiny random UNet), and the variants that draw differently (IWMF's shared windows).
+CASES = {
+    "none": {}, "iwmf": {}, "iwmf-shared": {"shared": True}, "iwmf-zero": {"lambda_0": 0.0},
+    "jpeg": {}, "median": {}, "bit-depth": {}, "random-resize-pad": {}, "gaussian-noise": {},
+    "tvm": {"iterations": 5}, "diffpure": TINY_DIFFUSION, "iwmfdiff": TINY_DIFFUSION,
+}
+DRAWS, IMAGES = 3, 2
+
+
+def build(case: str) -> Defense:
+    name = case.split("-shared")[0].split("-zero")[0]
+    return registry.create("defenses", name, **CASES[case])
+
+
+def loop(defense, xs, generator, draws, grad_mode):
+    """The reference: one purify call per draw, the generator carried along."""
+    return torch.cat([defense.purify(chunk, generator, grad_mode) for chunk in xs.split(xs.shape[0] // draws)])
+
+
+def test_every_builtin_defense_is_covered():
+    builtins = {name for name, entry in registry.available("defenses").items()
+                if entry.factory.__module__.startswith("iwmf_bench.")}
+    assert builtins <= {case.split("-shared")[0].split("-zero")[0] for case in CASES}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_purify_draws_equals_the_loop(case):
+    defense = build(case)
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(IMAGES, 3, 32, 32, generator=g, dtype=torch.float32)
+    cotangent = torch.randn(DRAWS * IMAGES, 3, 32, 32, generator=g)
+    for mode in defense.grad_modes:
+        outs, grads, states = [], [], []
+        for run in (defense.purify_draws, lambda *a: loop(defense, *a)):
+            gen = torch.Generator().manual_seed(11)
+            xs = x.repeat(DRAWS, 1, 1, 1).requires_grad_(mode != "none")
+            out = run(xs, gen, DRAWS, mode)
+            outs.append(out.detach())
+            states.append(gen.get_state())
+            if mode != "none":
+                grads.append(torch.autograd.grad(out, xs, cotangent)[0])
+        assert torch.equal(outs[0], outs[1]), f"{case} {mode}: images differ"
+        assert torch.equal(states[0], states[1]), f"{case} {mode}: the generator advanced differently"
+        if grads:
+            assert torch.equal(grads[0], grads[1]), f"{case} {mode}: gradients differ"
+    if defense.stochastic:  # the draws really differ: one call did not reuse one draw
+        assert not torch.equal(outs[0][:IMAGES], outs[0][IMAGES:2 * IMAGES])
+
+
+def test_purify_draws_checks_its_input():
+    with pytest.raises(BenchError, match="equal draws"):
+        IWMF(shared=True).purify_draws(torch.rand(5, 3, 8, 8), None, 2)
+    with pytest.raises(BenchError, match="grad_mode"):
+        IWMF(shared=True).purify_draws(torch.rand(4, 3, 8, 8), None, 2, "magic")
+
+
+# --- attacks: the real offline model on a few shared images ------------------------------
+
+@pytest.fixture(scope="module")
+def faces(shared_imgs):
+    """dlib-resnet and three source/target pairs (resized, not aligned: equality needs no
+    alignment); the threshold is lowered so that no pair is accepted before the attack."""
+    model = load_model("dlib-resnet")
+    src = load_folder(shared_imgs / "source", size=150).images[:3]
+    tgt = load_folder(shared_imgs / "target", size=150).images[:3]
+    with torch.no_grad():
+        refs = model.embed(tgt)
+    return model, src, refs
+
+
+def attack_both_ways(attack, task):
+    results = []
+    for batched in (True, False):
+        attack.batched_eot = batched
+        results.append(attack.run(task))
+    return results
+
+
+@pytest.mark.parametrize("shared,grad_mode,per_call", [(False, "exact", None), (True, "bpda", 3)])
+def test_apgd_eot_through_iwmf_is_unchanged(faces, shared, grad_mode, per_call):
+    model, src, refs = faces
+    attack = APGD(eps=0.03, steps=3, eot_iter=4, grad_mode=grad_mode)
+    attack.draws_per_call = per_call  # 3: draws in groups of 3 and 1, same result again
+    task = AttackTask(model, src, refs, IWMF(0.25, shared=shared), seed=3, threshold=0.3)
+    batched, looped = attack_both_ways(attack, task)
+    assert torch.equal(batched.adversarial, looped.adversarial)
+    # Every loss along the way, not only the end point: the same floats.
+    assert batched.info["objective_trace"] == looped.info["objective_trace"]
+    assert torch.equal(batched.info["objective"], looped.info["objective"])
+    assert torch.equal(batched.info["final_step_size"], looped.info["final_step_size"])
+    assert batched.queries.tolist() == looped.queries.tolist()
+
+
+def test_autoattack_rand_flavour_through_iwmf_is_unchanged(faces):
+    pytest.importorskip("pyautoattack", reason="the [suites] extra is installed by scripts/setup.sh")
+    from iwmf_bench.attacks.autoattack import AutoAttack
+
+    model, src, refs = faces
+    attack = AutoAttack(eps=0.01, steps=3, eot_iter=3, attacks=["apgd-ce"])
+    task = AttackTask(model, src[:2], refs[:2], IWMF(0.25), seed=3, threshold=0.3)
+    batched, looped = attack_both_ways(attack, task)
+    assert batched.queries.sum() > 8 * 2  # APGD-CE ran (the pairs were not accepted before)
+    assert torch.equal(batched.adversarial, looped.adversarial)
+    assert torch.equal(batched.info["objective"], looped.info["objective"])
+    assert batched.queries.tolist() == looped.queries.tolist()
