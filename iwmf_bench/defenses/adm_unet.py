@@ -29,10 +29,12 @@ members are indexed ``.0``, ``.1``, ``.2``)::
     ResBlock: in_layers.{0,2}, emb_layers.1, out_layers.{0,3}, skip_connection
     attention: norm, qkv (1x1 Conv1d, per head [q; k; v]), proj_out (Conv1d)
 
-Choices that do not change the function: attention goes through
+Choices that do not change the function (beyond float rounding): attention goes through
 :func:`torch.nn.functional.scaled_dot_product_attention` (same softmax(q k^T/sqrt(d)) v
-per head), and GroupNorm runs in the input's dtype (the published code upcasts to
-float32; under autocast torch does that itself).
+per head) on token-major queries, keys and values whose last dimension is contiguous, as
+CUDA's fused attention kernels need (see :mod:`.diffusion_unet`); and GroupNorm runs in
+the input's dtype, under autocast in the autocast dtype with float32 statistics (the
+published code upcasts to float32; see :class:`.diffusion_unet.GroupNorm`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .diffusion_unet import GroupNorm, from_tokens, pointwise, to_tokens
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels)  # eps 1e-5, torch's default, as in the published model
+def group_norm(channels: int) -> GroupNorm:
+    return GroupNorm(32, channels)  # eps 1e-5, torch's default, as in the published model
 
 
 class Resample(nn.Module):
@@ -157,13 +161,14 @@ class Attention(nn.Module):
         self.proj_out = nn.Conv1d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, *spatial = x.shape
-        flat = x.reshape(b, c, -1)
+        b, c = x.shape[:2]
         d = c // self.heads
-        qkv = self.qkv(self.norm(flat)).reshape(b, self.heads, 3, d, -1).transpose(-1, -2)  # (B, h, 3, T, d)
+        tokens = to_tokens(self.norm(x))  # (B, T, C)
+        # Output channel of qkv: head * 3d + {q, k, v} * d + j  ->  (B, heads, 3, T, d).
+        qkv = pointwise(tokens, self.qkv).unflatten(-1, (self.heads, 3, d)).permute(0, 2, 3, 1, 4)
         h = F.scaled_dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # scale 1/sqrt(d)
-        h = h.transpose(-1, -2).reshape(b, c, -1)
-        return (flat + self.proj_out(h)).reshape(b, c, *spatial)
+        h = h.transpose(1, 2).reshape(b, -1, c)  # (B, T, heads * d)
+        return x + from_tokens(pointwise(h, self.proj_out), x)
 
 
 class ConvDownsample(nn.Module):
