@@ -19,7 +19,10 @@ positions followed by a min-pool. The number of rounds is the depth of the depen
 graph (about 10-20 for lambda_0 <= 0.5, s = 3), not the number of windows.
 
 On CPU (float32/float64) the sequential definition itself, compiled with numba, is
-faster still and is what runs; the levels serve the GPU (and half precision).
+faster still and is what runs. On CUDA tensors a fused Triton kernel runs when Triton
+imports (:mod:`.iwmf_triton`: one program per image plane, dependency levels found per
+chunk of consecutive windows in registers, no CPU scan); the levels in torch serve
+everything else (no Triton, half precision on CPU).
 
 Gradients. For fixed centres the filter is linear, ``A = W_n ... W_1``, and each window
 map ``W_k`` (set the window to its mean) is a symmetric projection, so the adjoint is
@@ -195,20 +198,41 @@ class _Windows:
     """
 
     def __init__(self, tl: np.ndarray, s: int, shape: tuple[int, ...], device: torch.device,
-                 dtype: torch.dtype, compiled: bool | None = None):
+                 dtype: torch.dtype, compiled: bool | None = None, kernel: str | None = None):
         self.tl, self.s, self.shape = tl, s, shape
-        # CPU float32/float64: the sequential definition, compiled, beats any schedule.
-        # Elsewhere (GPU, half precision): dependency levels, one gather/scatter each.
-        # (``compiled=False`` forces the levels on CPU: tests check the GPU schedule there.)
-        if compiled is None:
-            compiled = device.type == "cpu" and dtype in (torch.float32, torch.float64)
-        self.compiled = compiled
+        # CPU float32/float64: the sequential definition, compiled ("numba"), beats any
+        # schedule. CUDA: the fused Triton kernel ("triton") when Triton imports. Elsewhere:
+        # dependency levels in torch ("levels"), one gather/scatter each. (``compiled=False``
+        # or ``kernel=...`` forces one: tests check every schedule on CPU.)
+        if kernel is None and compiled is not None:
+            kernel = "numba" if compiled else "levels"
+        if kernel is None:
+            kernel = _default_kernel(device, dtype)
+        if kernel not in KERNELS:
+            raise BenchError(f"iwmf kernel must be one of {KERNELS}, got {kernel!r}")
+        if kernel == "numba" and not (device.type == "cpu" and dtype in (torch.float32, torch.float64)):
+            raise BenchError(f"iwmf kernel 'numba' runs on CPU float32/float64 images, not {device.type} {dtype}")
+        self.kernel = kernel
+        self.compiled = kernel == "numba"
         self.device = device
         self._tl_reversed: np.ndarray | None = None
+        self._tl_device: torch.Tensor | None = None
         self._groups: list[torch.Tensor] | None = None
 
     def apply(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
         """``A x`` (or ``A^T x`` when ``reverse``) without autograd; ``x`` is untouched."""
+        if self.kernel == "triton":
+            from . import iwmf_triton
+
+            if self._tl_device is None:
+                self._tl_device = torch.from_numpy(self.tl).to(self.device)
+            try:
+                return iwmf_triton.apply_windows(x, self._tl_device, self.s, reverse)
+            except Exception as exc:  # noqa: BLE001 - e.g. a GPU this Triton cannot compile for
+                if x.device.type != "cuda":
+                    raise
+                iwmf_triton.disable(exc)  # one line, then the torch kernel from now on
+                self.kernel = "levels"
         # A fresh C-contiguous copy: the kernels write in place and index NCHW memory.
         out = x.detach().clone(memory_format=torch.contiguous_format)
         if self.compiled:
@@ -224,6 +248,20 @@ class _Windows:
             # same levels in reverse order.
             flat.index_put_((idx,), _mean_level(flat, idx, self.s * self.s))
         return out
+
+
+KERNELS = ("numba", "levels", "triton")
+
+
+def _default_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        return "numba"
+    if device.type == "cuda":
+        from . import iwmf_triton
+
+        if iwmf_triton.available():
+            return "triton"
+    return "levels"
 
 
 class _WindowSequence(torch.autograd.Function):
@@ -245,13 +283,16 @@ class _WindowSequence(torch.autograd.Function):
         return _WindowSequence.apply(grad, ctx.windows, not ctx.reverse), None, None
 
 
-def iwmf_apply(x: torch.Tensor, centres: torch.Tensor, s: int = 3) -> torch.Tensor:
+def iwmf_apply(x: torch.Tensor, centres: torch.Tensor, s: int = 3, *, kernel: str | None = None) -> torch.Tensor:
     """Apply an explicit window sequence to ``x`` (NCHW).
 
     ``centres``: integer tensor ``(n, 2)`` shared by the batch or ``(B, n, 2)`` one
     sequence per image, in application order. Equals applying the windows one by one.
     Differentiable (exact gradients, computed by the same kernel on the windows in
     reverse order, so a backward costs about one forward); ``x`` is not modified.
+    ``kernel``: ``"numba"`` (CPU), ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``)
+    or ``"levels"`` (torch, any device); None picks the fastest for ``x`` (benchmarks
+    compare them).
     """
     if x.dim() != 4:
         raise BenchError(f"iwmf expects a 4-D NCHW batch, got shape {tuple(x.shape)}")
@@ -259,7 +300,7 @@ def iwmf_apply(x: torch.Tensor, centres: torch.Tensor, s: int = 3) -> torch.Tens
     tl = _top_left(centres, batch, height, width, s)
     if tl.shape[1] == 0 or batch == 0:
         return x.clone()
-    windows = _Windows(tl, s, tuple(x.shape), x.device, x.dtype)
+    windows = _Windows(tl, s, tuple(x.shape), x.device, x.dtype, kernel=kernel)
     if x.requires_grad and torch.is_grad_enabled():
         return _WindowSequence.apply(x, windows, False)
     return windows.apply(x)
