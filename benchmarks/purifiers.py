@@ -28,6 +28,10 @@ Autograd through thousands of in-place slice assignments costs several full-imag
 per window in the backward (seconds per batch of 20), so the paper's loop is timed
 ``--paper-repeats`` times (default 2) after its warm-up.
 
+With ``--device cuda`` (and Triton importable) IWMF runs the fused Triton kernel, and the
+table adds the torch dependency-level kernel it replaced, for the defense's per-image
+windows and for the shared windows against the paper's loop, with the speed-ups.
+
 TVM is also timed with its iterations as torch operations (what runs on a GPU, and ran
 on the CPU before the compiled solver) on the same masks, and the speed-up of the
 compiled solver over them (the script checks that both compute the same function).
@@ -48,6 +52,7 @@ import torch
 from tabulate import tabulate
 
 from iwmf_bench import registry
+from iwmf_bench.defenses import iwmf_triton
 from iwmf_bench.defenses.iwmf import draw_centres, iwmf_apply
 from iwmf_bench.defenses.tvm import draw_keep_mask, tv_reconstruct
 
@@ -132,28 +137,71 @@ def time_defense(defense, batches, args) -> list[list[str]]:
     return rows
 
 
+def iwmf_kernels(device: str) -> list[str | None]:
+    """IWMF kernels to time side by side: on CUDA the Triton kernel (the default there) and
+    the torch dependency levels it replaced; elsewhere the default only."""
+    if device.startswith("cuda") and iwmf_triton.available():
+        return ["triton", "levels"]
+    return [None]
+
+
 def time_paper_iwmf(batches, args) -> list[list[str]]:
-    """Ours with shared windows vs the paper's slicing loop, same windows, and the speed-up."""
+    """Ours with shared windows vs the paper's slicing loop, same windows, and the speed-up
+    (on CUDA for the Triton kernel and for the torch level kernel)."""
     defaults = registry.get("defenses", "iwmf").factory()
     lam, s = defaults.lambda_0, defaults.s
     rows = []
     for batch in batches:
         g, x, v = inputs(batch, args)
         centres = draw_centres(batch, args.size, args.size, int(lam * args.size ** 2), s, g, shared=True)
-        gap = (iwmf_apply(x, centres, s) - paper_iwmf(x, centres, s)).abs().max().item()
-        if gap > 1e-5:
-            raise SystemExit(f"ours and the paper's loop disagree by {gap:.2e}: not the same function")
-        ours = [timed(lambda: iwmf_apply(x, centres, s), args.repeats, args.device),
-                timed(fwd_bwd(lambda t: iwmf_apply(t, centres, s), x, v), args.repeats, args.device)]
-        paper = [timed(lambda: paper_iwmf(x, centres, s), args.paper_repeats, args.device),
-                 timed(fwd_bwd(lambda t: paper_iwmf(t, centres, s), x, v), args.paper_repeats, args.device)]
         setting = f"lambda_0={lam:g}, s={s}, one window sequence for the batch"
-        rows.append(["iwmf shared=True", batch, cell(ours[0], batch), "-", cell(ours[1], batch), setting])
+        paper, first = None, len(rows)
+        for kernel in iwmf_kernels(args.device):
+            def ours_fn(t, k=kernel):
+                return iwmf_apply(t, centres, s, kernel=k)
+
+            gap = (ours_fn(x) - paper_iwmf(x, centres, s)).abs().max().item()
+            if gap > 1e-5:
+                raise SystemExit(f"ours ({kernel or 'default'}) and the paper's loop disagree by {gap:.2e}: "
+                                 "not the same function")
+            ours = [timed(lambda: ours_fn(x), args.repeats, args.device),
+                    timed(fwd_bwd(ours_fn, x, v), args.repeats, args.device)]
+            if paper is None:
+                paper = [timed(lambda: paper_iwmf(x, centres, s), args.paper_repeats, args.device),
+                         timed(fwd_bwd(lambda t: paper_iwmf(t, centres, s), x, v), args.paper_repeats, args.device)]
+            label = "iwmf shared=True" + (f", {kernel} kernel" if kernel else "")
+            rows.append([label, batch, cell(ours[0], batch), "-", cell(ours[1], batch), setting])
+            rows.append([f"{label} speed-up over paper", batch, f"{paper[0][1] / ours[0][1]:.0f}x", "-",
+                         f"{paper[1][1] / ours[1][1]:.0f}x", "paper's median / ours median"])
         rows.append(["iwmf, paper's code", batch, cell(paper[0], batch), "-", cell(paper[1], batch),
                      "same windows, slicing loop (Wang et al.'s reference semantics)"])
-        rows.append(["iwmf speed-up over paper", batch, f"{paper[0][1] / ours[0][1]:.0f}x", "-",
-                     f"{paper[1][1] / ours[1][1]:.0f}x", "paper's median / ours shared=True median"])
-        for row in rows[-3:]:
+        for row in rows[first:]:
+            print(f"  {row}", file=sys.stderr, flush=True)
+    return rows
+
+
+def time_iwmf_kernels(batches, args) -> list[list[str]]:
+    """On CUDA: the defense's own setting (one window sequence per image) with the torch
+    level kernel, beside the defense's row above (Triton), and the Triton speed-up."""
+    d = registry.get("defenses", "iwmf").factory()
+    rows = []
+    for batch in batches:
+        g, x, v = inputs(batch, args)
+        centres = draw_centres(batch, args.size, args.size, int(d.lambda_0 * args.size ** 2), d.s, g)
+        gap = (iwmf_apply(x, centres, d.s, kernel="triton") - iwmf_apply(x, centres, d.s, kernel="levels"))
+        if gap.abs().max().item() > 1e-5:
+            raise SystemExit(f"IWMF's Triton and torch kernels disagree by {gap.abs().max().item():.2e}")
+        times = {}
+        for k in ("triton", "levels"):
+            times[k] = [timed(lambda: iwmf_apply(x, centres, d.s, kernel=k), args.repeats, args.device),
+                        timed(fwd_bwd(lambda t: iwmf_apply(t, centres, d.s, kernel=k), x, v), args.repeats,
+                              args.device)]
+        rows.append(["iwmf, torch levels kernel", batch, cell(times["levels"][0], batch), "-",
+                     cell(times["levels"][1], batch), "per-image windows, what ran on CUDA before Triton"])
+        rows.append(["iwmf Triton speed-up over levels", batch,
+                     f"{times['levels'][0][1] / times['triton'][0][1]:.1f}x", "-",
+                     f"{times['levels'][1][1] / times['triton'][1][1]:.1f}x", "levels median / Triton median"])
+        for row in rows[-2:]:
             print(f"  {row}", file=sys.stderr, flush=True)
     return rows
 
@@ -226,6 +274,8 @@ def main() -> None:
             print(f"{name}: not available ({type(exc).__name__}: {exc})", file=sys.stderr)
             continue
         if name == "iwmf":
+            if iwmf_kernels(args.device) != [None]:
+                rows.extend(time_iwmf_kernels(batches, args))
             rows.extend(time_paper_iwmf(batches, args))
         if name == "tvm" and args.device == "cpu":
             rows.extend(time_tvm_torch(batches, args))
