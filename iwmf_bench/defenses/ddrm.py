@@ -100,23 +100,41 @@ def draw_noise(batch: int, draws: int, shape: tuple[int, ...], generator: torch.
     return torch.stack(per_image, dim=1).to(device)
 
 
+def noise_draws(num_train_steps: int, timesteps: int) -> int:
+    """How many Gaussian draws per image one :func:`ddrm_denoise` run takes (the initial
+    state and one per step): the ``draws`` of :func:`draw_noise`."""
+    return len(skip_sequence(num_train_steps, timesteps)) + 1
+
+
 def ddrm_denoise(eps_model: EpsModel, y: torch.Tensor, sigma_0: float, abar: torch.Tensor,
                  timesteps: int, generator: torch.Generator | None = None, *, eta_a: float = 0.85,
-                 eta_b: float = 1.0, eta_c: float = 0.85, checkpoint: bool = False) -> torch.Tensor:
+                 eta_b: float = 1.0, eta_c: float = 0.85, checkpoint: bool = False,
+                 keep_steps: int = 0, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Sample a restoration of ``x0`` from ``y = x0 + sigma_0 z`` (all in model space).
 
     ``abar``: the training schedule's cumulative alphas, shape ``(T,)``. ``eps_model`` is
     called as ``eps_model(x_t, t)`` with ``t`` a float tensor of shape ``(B,)``.
     ``checkpoint=True`` wraps each step in :func:`torch.utils.checkpoint.checkpoint`
     (used when autograd is recording): memory for backpropagating through all steps is
-    then one step's activations plus one image-sized tensor per step. Computation runs
+    then one step's activations plus one image-sized tensor per step. With
+    ``keep_steps = k`` the first ``k`` steps keep their activations all the same (no
+    recomputation in backward; memory policy of :mod:`.diffusion`). Computation runs
     in ``y``'s dtype (the model may autocast inside ``eps_model``).
+
+    ``noise``: all Gaussian draws of the run, as :func:`draw_noise` returns them for this
+    ``generator`` (shape ``(noise_draws(T, timesteps), B, *y.shape[1:])``); given, the
+    generator is not used. A CUDA graph of the step loop takes its noise this way: the
+    loop itself then does nothing the graph cannot capture.
     """
     if sigma_0 < 0:
         raise BenchError(f"sigma_0 must be >= 0, got {sigma_0}")
     seq = skip_sequence(abar.numel(), timesteps)
     abar_of = [float(a) for a in abar.double().cpu()]
-    noise = draw_noise(y.shape[0], len(seq) + 1, tuple(y.shape[1:]), generator, y.device).to(y.dtype)
+    if noise is None:
+        noise = draw_noise(y.shape[0], len(seq) + 1, tuple(y.shape[1:]), generator, y.device)
+    elif tuple(noise.shape) != (len(seq) + 1, *y.shape):
+        raise BenchError(f"noise must have shape {(len(seq) + 1, *y.shape)}, got {tuple(noise.shape)}")
+    noise = noise.to(y.dtype)
 
     def sigma(a: float) -> float:  # noise level of x_mod at a cumulative alpha
         return math.sqrt(1.0 - a) / math.sqrt(a)
@@ -135,7 +153,7 @@ def ddrm_denoise(eps_model: EpsModel, y: torch.Tensor, sigma_0: float, abar: tor
         a_t = abar_of[t]
         a_next = abar_of[t_next] if t_next >= 0 else 1.0
         step = _make_step(eps_model, t, a_t, a_next, sigma_0, eta_a, eta_b, eta_c)
-        if checkpoint and torch.is_grad_enabled():
+        if checkpoint and k > keep_steps and torch.is_grad_enabled():
             x = _checkpoint(step, x, y, noise[k], use_reentrant=False)
         else:
             x = step(x, y, noise[k])
