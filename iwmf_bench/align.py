@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import check_output_folder, list_images, read_image, save_images
 from .errors import BenchError, DataError
 
 # --- templates ---------------------------------------------------------------------------
@@ -304,8 +305,6 @@ def align_folder(input_dir: str | Path, output_dir: str | Path, model: str, devi
     that cannot be read is reported on stderr and skipped. Prints a summary and returns
     the number of images that failed.
     """
-    from .data import check_output_folder, list_images, read_image, save_images
-
     spec = get_spec(model)
     entries = list_images(input_dir)
     out_dir = Path(output_dir)

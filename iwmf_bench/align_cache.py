@@ -25,26 +25,16 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from .align import ALIASES, align_images, detect_faces, get_spec
 from .datasets.base import Dataset
+from .util import save_tensors_atomic, write_json_atomic
+from .weights import home
 
 CHUNK = 256
 
 
 def cache_root() -> Path:
-    from .weights import home
-
     return Path(os.environ.get("IWMF_BENCH_CACHE", home() / "cache"))
-
-
-def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class AlignedImages:
@@ -52,8 +42,6 @@ class AlignedImages:
 
     def __init__(self, dataset: Dataset, model: str, root: str | Path | None = None, device: str = "cpu",
                  progress: bool = True):
-        from .align import ALIASES, get_spec
-
         self.dataset, self.device, self.progress = dataset, device, progress
         self.template = ALIASES.get(model, model)
         self.size = get_spec(self.template).size
@@ -68,14 +56,12 @@ class AlignedImages:
         return self.dir / f"chunk_{c:05d}.pt"
 
     def _compute(self, c: int) -> dict:
-        from .align import align_images, detect_faces
-
         indices = range(c * CHUNK, min((c + 1) * CHUNK, len(self.dataset)))
         images = [self.dataset.read(i) for i in indices]
         faces = detect_faces(images, device=self.device)
         aligned, ok = align_images(images, self.template, faces=faces)
         chunk = {"images": aligned.mul(255).round().to(torch.uint8).cpu(), "ok": ok}
-        _save_atomic(chunk, self._path(c))
+        save_tensors_atomic(self._path(c), chunk)
         return chunk
 
     def _chunk(self, c: int) -> dict:
@@ -95,8 +81,6 @@ class AlignedImages:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "meta.json"
         if not meta.is_file():
-            from .harness import write_json_atomic
-
             write_json_atomic(meta, {"dataset": getattr(self.dataset, "registered_name", ""),
                                      "options": self.dataset.options, "template": self.template,
                                      "size": self.size, "images": len(self.dataset), "version": __version__})

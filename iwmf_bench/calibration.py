@@ -24,6 +24,7 @@ from .align_cache import AlignedImages, cache_root
 from .datasets import Dataset, DatasetError, Pair, open_dataset
 from .metrics import scores as index_scores
 from .models.base import resize
+from .util import write_json_atomic
 
 
 def image_batches(dataset: Dataset, model, indices: Sequence[int], align: bool, device: str = "cpu",
@@ -112,8 +113,6 @@ def cached_calibration(model, model_name: str, model_options: dict, dataset: str
                        progress: bool = True, drop_no_face: bool = False) -> dict[str, Any]:
     """:func:`calibrate` once per (model, dataset, FAR, alignment, seed, version); the
     JSON record (with the model and dataset named) is reused afterwards."""
-    from .harness import write_json_atomic
-
     path = calibration_path(model_name, model_options, dataset, dataset_options, far, align, seed, resamples)
     if path.is_file():
         return {**json.loads(path.read_text()), "path": str(path)}

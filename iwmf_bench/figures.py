@@ -1,4 +1,5 @@
-"""Figures for the README: FAR per threat model per defense, and example images."""
+"""Figures for the README: FAR per threat model per defense, example images, and the
+clean ROC of each defense (dataset suites)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+from . import roc
+from .data import to_uint8
+from .leaderboard import first_per_defense, success
 from .suite import Suite
 
 
@@ -21,7 +25,7 @@ def far_plot(suite: Suite, records: list[dict], path: str | Path) -> Path | None
     models = list(dict.fromkeys(r["cell"]["model"] for r in ok))
     if not models:
         return None
-    threats = [t for t in suite.threat_models if any(r["cell"]["threat"] == t for r in ok)]
+    threats = [t for t in suite.columns() if suite.shown(t) and any(r["cell"]["threat"] == t for r in ok)]
     defenses = [d for d in suite.defenses if any(r["cell"]["defense"] == d for r in ok)]
     fig, axes = plt.subplots(len(models), 1, figsize=(1.6 + 1.3 * len(threats), 3.2 * len(models)), squeeze=False)
     width = 0.8 / max(1, len(defenses))
@@ -33,7 +37,7 @@ def far_plot(suite: Suite, records: list[dict], path: str | Path) -> Path | None
                           and r["cell"]["threat"] == t), None)
                 if r is None:
                     continue
-                far = r["metrics"]["far"]
+                far = success(r)
                 xs.append(i + (j - (len(defenses) - 1) / 2) * width)
                 ys.append(100 * far["value"])
                 lo.append(max(0.0, 100 * (far["value"] - far["ci95"][0])))
@@ -57,8 +61,6 @@ def example_grid(columns: dict[str, torch.Tensor], path: str | Path, rows: int =
     row per sample, with the column names written above."""
     from PIL import Image, ImageDraw
 
-    from .data import to_uint8
-
     names = list(columns)
     arrays = [to_uint8(columns[n][:rows]).numpy() for n in names]
     n, h, w = arrays[0].shape[0], arrays[0].shape[1], arrays[0].shape[2]
@@ -74,3 +76,80 @@ def example_grid(columns: dict[str, torch.Tensor], path: str | Path, rows: int =
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def roc_plots(suite, records: list[dict], imgs) -> list:
+    """``imgs/<suite>_roc_<model>.png``: clean ROC of every defense of one model on one
+    figure (dataset suites only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    models = list(dict.fromkeys(r["cell"]["model"] for r in records))
+    for model in models:
+        per = first_per_defense([r for r in records if r["cell"]["model"] == model], "clean")
+        if not per:
+            continue
+        fig, ax = plt.subplots(figsize=(4.8, 4))
+        for defense, m in per.items():
+            far, tar, _ = roc.roc_curve(torch.tensor(m["clean"]["genuine_scores"]),
+                                        torch.tensor(m["clean"]["impostor_scores"]), m["metric"])
+            far = torch.cat([torch.zeros(1, dtype=far.dtype), far])
+            tar = torch.cat([torch.zeros(1, dtype=tar.dtype), tar])
+            ax.step(far.numpy(), tar.numpy(), where="post", label=f"{defense} (AUC {m['clean']['auc']:.3f})")
+        ax.set_xlabel("FAR (clean impostor pairs)")
+        ax.set_ylabel("TAR (clean genuine pairs)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{model}: clean ROC per defense ({suite.name} suite)", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path = Path(imgs) / f"{suite.name}_roc_{model}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def security_curves(suite: Suite, records: list[dict], imgs: str | Path) -> dict[str, list[Path]]:
+    """``imgs/<suite>_curve_<model>_<threat>.png`` for every budget sweep (``eps: [...]``):
+    the attack's success (FAR, single-shot) against eps, one curve per defense with its
+    95% interval as a band (Carlini et al. 2019 ask for exactly this). Per model, the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = {(r["cell"]["model"], r["cell"]["defense"], r["cell"]["threat"]): r for r in records if r["status"] == "ok"}
+    out: dict[str, list[Path]] = {}
+    for model in dict.fromkeys(k[0] for k in ok):
+        for threat, budgets in suite.sweeps().items():
+            curves = {}
+            for d in suite.defenses:
+                points = [(eps, success(ok[(model, d, label)])) for eps, label in budgets if (model, d, label) in ok]
+                if points:
+                    curves[d] = points
+            if not curves:
+                continue
+            fig, ax = plt.subplots(figsize=(5.2, 3.8))
+            for d, points in curves.items():
+                eps = [e for e, _ in points]
+                ax.plot(eps, [100 * r["value"] for _, r in points], marker="o", ms=3, label=d)
+                ax.fill_between(eps, [100 * r["ci95"][0] for _, r in points], [100 * r["ci95"][1] for _, r in points],
+                                alpha=0.12)
+            opts = suite.threat_models[threat]
+            ax.set_xlabel(f"budget eps ({opts.get('norm', 'Linf')})")
+            ax.set_ylabel("dodging %" if opts.get("goal") == "dodging" else "FAR %")
+            ax.set_ylim(-2, 102)
+            ax.set_title(f"{model}: {threat} ({suite.name} suite)", fontsize=9)
+            ax.legend(fontsize=6, ncols=2)
+            fig.tight_layout()
+            path = Path(imgs) / f"{suite.name}_curve_{model}_{threat}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            out.setdefault(model, []).append(path)
+    return out

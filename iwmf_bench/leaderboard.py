@@ -11,21 +11,32 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
-from .dataset_suite import dataset_notes
-from .harness import write_json_atomic
+from .attacks.base import blackbox_beats_whitebox
+from .metrics import Rate
 from .suite import Suite
+from .util import write_json_atomic
 
-CHECKED = ("far", "far_worst_of_n", "frr_genuine", "frr_adv_true_identity")
+# Rates the check compares (a dodging cell has dodging_success* instead of far*).
+CHECKED = ("far", "far_worst_of_n", "dodging_success", "dodging_success_worst_of_n", "frr_genuine",
+           "frr_adv_true_identity")
 
 
 def _pct(rate: dict) -> str:
     lo, hi = rate["ci95"]
     return f"{100 * rate['value']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def success(record: dict) -> dict:
+    """The attack's success rate of a cell: its FAR (impersonation), or the rate of
+    probes rejected against their own identity (``goal: dodging``)."""
+    m = record["metrics"]
+    return m["far"] if "far" in m else m["dodging_success"]
 
 
 def cell_file(record: dict) -> str:
@@ -37,13 +48,15 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
     """Per model: headers, rows (display strings), raw rows (numbers) and skip notes."""
     by = {(r["cell"]["model"], r["cell"]["defense"], r["cell"]["threat"]): r for r in records}
     models = list(dict.fromkeys(r["cell"]["model"] for r in records))
-    all_threats = [t for t in suite.threat_models if any(k[2] == t for k in by)]
+    all_threats = [t for t in suite.columns() if any(k[2] == t for k in by)]
     defenses = [d for d in suite.defenses if any(k[1] == d for k in by)]
     out = {}
     for m in models:
         # Only the columns this model is crossed with (a suite entry's `threats:` may limit them).
         threats = [t for t in all_threats if any(k[0] == m and k[2] == t for k in by)]
-        headers = ["defense", "FRR genuine %"] + [f"FAR {t} %" for t in threats] + ["s/img"]
+        goals = {label: opts.get("goal") for t in suite.threat_models for label, opts in suite.budgets(t)}
+        rate = lambda t: "dodging" if goals[t] == "dodging" else "FAR"  # noqa: E731
+        headers = ["defense", "FRR genuine %"] + [f"{rate(t)} {t} %" for t in threats] + ["s/img"]
         rows, raw = [], []
         # Cells whose adaptive attack falls below transfer: marked "(!)", explained in the notes.
         suspicious = {(d, t) for d, t, _ in adaptive_below_transfer([by[k] for k in by if k[0] == m])}
@@ -59,8 +72,8 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
                 if c is None:
                     row.append("")
                 elif c["status"] == "ok":
-                    row.append(_pct(c["metrics"]["far"]) + (" (!)" if (d, t) in suspicious else ""))
-                    raw_row["far"][t] = c["metrics"]["far"]
+                    row.append(_pct(success(c)) + (" (!)" if (d, t) in suspicious else ""))
+                    raw_row["far"][t] = success(c)
                 else:
                     not_applicable = c.get("reason", "").startswith("not applicable")
                     row.append("n/a" if not_applicable else c["status"])
@@ -75,7 +88,10 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
                  for reason, where in reasons.items()]
         notes += sanity_notes([by[k] for k in by if k[0] == m])
         notes += dataset_notes([by[k] for k in by if k[0] == m])  # threshold source, clean ROC (datasets)
-        out[m] = {"headers": headers, "rows": rows, "raw": raw, "notes": notes}
+        # The Markdown table shows one budget of each sweep; CSV and JSON keep them all.
+        shown = [0, 1] + [2 + i for i, t in enumerate(threats) if suite.shown(t)] + [len(headers) - 1]
+        out[m] = {"headers": headers, "rows": rows, "raw": raw, "notes": notes,
+                  "md_headers": [headers[i] for i in shown], "md_rows": [[row[i] for i in shown] for row in rows]}
     return out
 
 
@@ -84,9 +100,6 @@ def sanity_notes(records: list[dict]) -> list[str]:
     gradients, randomness without EOT, ...), and a black-box attack beating the
     white-box one with the same setting and norm on the same defense (then the white-box
     attack is broken or the defense masks gradients)."""
-    from .attacks.base import blackbox_beats_whitebox
-    from .metrics import Rate
-
     ok = [r for r in records if r["status"] == "ok"]
     notes = []
     for r in ok:
@@ -96,18 +109,50 @@ def sanity_notes(records: list[dict]) -> list[str]:
                          f"{', '.join(raised)}")
 
     for black in ok:
-        attack, setting, norm = _kind(black)
+        attack, setting, norm, eps = _kind(black)
         if attack != "square":
             continue
         for white in ok:
-            if _kind(white) == ("apgd", setting, norm) and white["cell"]["defense"] == black["cell"]["defense"]:
-                b, w = black["metrics"]["far"], white["metrics"]["far"]
+            if _kind(white) == ("apgd", setting, norm, eps) and white["cell"]["defense"] == black["cell"]["defense"]:
+                b, w = success(black), success(white)
                 if blackbox_beats_whitebox(Rate(b["k"], b["n"]), Rate(w["k"], w["n"])):
                     notes.append(f"sanity ({black['cell']['defense']}): black-box {black['cell']['threat']} "
                                  f"({100 * b['value']:.1f}%) beats white-box {white['cell']['threat']} "
                                  f"({100 * w['value']:.1f}%): check the white-box attack or gradient masking")
     notes += [text for _, _, text in adaptive_below_transfer(ok)]
     notes += weaker_than_reference(ok)
+    return notes
+
+
+def first_per_defense(records: list[dict], key: str) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for r in records:
+        if r["status"] == "ok" and key in r["metrics"]:
+            out.setdefault(r["cell"]["defense"], r["metrics"])
+    return out
+
+
+def dataset_notes(records: list[dict]) -> list[str]:
+    """One model's threshold and its source, and each defense's clean verification
+    (nothing for folder suites with the model's default threshold)."""
+    notes = []
+    for m in first_per_defense(records, "threshold_source").values():
+        sign = ">=" if m["metric"] == "cosine" else "<="
+        notes.append(f"threshold {m['threshold']:.6g} ({m['metric']}, accept {sign}): "
+                     f"{m['threshold_source']['source']}")
+        break
+    for defense, m in first_per_defense(records, "clean").items():
+        c = m["clean"]
+        parts = []
+        for far, t in c["tar_at_far"].items():
+            parts.append(f"TAR@FAR={far} {100 * t['tar']['value']:.1f}%" if t["supported"]
+                         else f"TAR@FAR={far} n/a ({t['note']})")
+        notes.append(f"clean pairs ({defense}, {c['genuine_pairs']} genuine / {c['impostor_pairs']} impostor, "
+                     f"threshold per defense from its own ROC): {', '.join(parts)}, AUC {c['auc']:.4f}, "
+                     f"EER {100 * c['eer']:.1f}%")
+    dropped = next((m["dropped_pairs_no_face"] for m in first_per_defense(records, "dropped_pairs_no_face").values()), 0)
+    if dropped:
+        notes.append(f"{dropped} drawn pair(s) left out: no face found in one of their images (drop_no_face)")
     return notes
 
 
@@ -139,10 +184,10 @@ def weaker_than_reference(records: list[dict]) -> list[str]:
         for ref in records:
             rfam = attack_family(ref)
             same = all(ours["cell"]["threat_options"].get(k) == ref["cell"]["threat_options"].get(k)
-                       for k in ("setting", "norm", "eps", "surrogate"))
+                       for k in ("setting", "norm", "eps", "surrogate", "goal"))
             if rfam != (fam[0], True) or not same or ref["cell"]["defense"] != ours["cell"]["defense"]:
                 continue
-            o, r = ours["metrics"]["far"], ref["metrics"]["far"]
+            o, r = success(ours), success(ref)
             if o["ci95"][1] < r["ci95"][0]:
                 notes.append(f"sanity ({ours['cell']['defense']}): our {ours['cell']['threat']} "
                              f"({100 * o['value']:.1f}%) is weaker than the reference {ref['cell']['threat']} "
@@ -154,7 +199,9 @@ def _kind(record: dict) -> tuple:
     t = record["cell"]["threat_options"]
     # Crafted on a surrogate (cross_model) is another question than the model's own attacks.
     setting = f"transfer from {t['surrogate']}" if t.get("surrogate") else t.get("setting")
-    return t.get("attack"), setting, t.get("norm", "Linf")
+    if t.get("goal", "impersonation") != "impersonation":  # dodging is compared with dodging only
+        setting = f"{setting} ({t['goal']})"
+    return t.get("attack"), setting, t.get("norm", "Linf"), t.get("eps")
 
 
 def adaptive_below_transfer(records: list[dict]) -> list[tuple[str, str, str]]:
@@ -166,15 +213,15 @@ def adaptive_below_transfer(records: list[dict]) -> list[tuple[str, str, str]]:
     ok = [r for r in records if r["status"] == "ok"]
     flagged = []
     for adaptive in ok:
-        attack, setting, norm = _kind(adaptive)
+        attack, setting, norm, eps = _kind(adaptive)
         if setting != "adaptive":
             continue
         for transfer in ok:
             defense = adaptive["cell"]["defense"]
-            if _kind(transfer) != (attack, "transfer", norm) or transfer["cell"]["defense"] != defense \
+            if _kind(transfer) != (attack, "transfer", norm, eps) or transfer["cell"]["defense"] != defense \
                     or transfer["cell"]["threat_options"].get("surrogate"):  # cross-model: another question
                 continue
-            a, t = adaptive["metrics"]["far"], transfer["metrics"]["far"]
+            a, t = success(adaptive), success(transfer)
             if a["ci95"][1] < t["ci95"][0]:
                 flagged.append((defense, adaptive["cell"]["threat"],
                                 f"sanity ({defense}): adaptive {adaptive['cell']['threat']} ({100 * a['value']:.1f}%) "
@@ -184,8 +231,10 @@ def adaptive_below_transfer(records: list[dict]) -> list[tuple[str, str, str]]:
     return flagged
 
 
-def render(suite: Suite, records: list[dict], out_dir: str | Path) -> list[Path]:
-    """Write ``<model>.md|csv|json`` and ``cells/*.json`` under ``out_dir``; return the paths."""
+def render(suite: Suite, records: list[dict], out_dir: str | Path,
+           figures: dict[str, list[Path]] | None = None) -> list[Path]:
+    """Write ``<model>.md|csv|json`` and ``cells/*.json`` under ``out_dir``; return the
+    paths. ``figures``: per model, figures (security curves) the Markdown links to."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -199,8 +248,13 @@ def render(suite: Suite, records: list[dict], out_dir: str | Path) -> list[Path]
               "FAR: adversarial source i accepted as target i (single-shot, fresh randomness), %, "
               "[95% Wilson interval]. FRR genuine: purified genuine images rejected against other "
               "images of the same identity. s/img: purification seconds per image.", "",
-              tabulate(t["rows"], headers=t["headers"], tablefmt="github"), ""]
+              tabulate(t["md_rows"], headers=t["md_headers"], tablefmt="github"), ""]
         md += [f"- {n}" for n in t["notes"]]
+        if suite.sweeps():
+            md += ["", "Budget sweeps (`eps: [...]`) show one budget in the table (column `LABEL@EPS`); "
+                   f"`{model}.csv` and `{model}.json` hold every budget."]
+        for path in (figures or {}).get(model, []):
+            md += ["", f"![{Path(path).stem}]({os.path.relpath(path, out_dir)})"]
         paths = {ext: out_dir / f"{model}.{ext}" for ext in ("md", "csv", "json")}
         paths["md"].write_text("\n".join(md) + "\n")
         buf = io.StringIO()
@@ -226,7 +280,7 @@ def check(records: list[dict], committed_dir: str | Path, atol: float) -> list[s
             status = next((r["status"] for r in records if cell_file(r) == name), "not run")
             problems.append(f"{old['name']}: committed but now {status}")
             continue
-        for metric in CHECKED:
+        for metric in (m for m in CHECKED if m in old["metrics"]):
             a, b = old["metrics"][metric]["value"], new["metrics"][metric]["value"]
             if abs(a - b) > atol:
                 problems.append(f"{old['name']}: {metric} moved from {a:.4f} (committed) to {b:.4f} "

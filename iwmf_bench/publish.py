@@ -6,19 +6,24 @@ from pathlib import Path
 
 import torch
 
-from .figures import example_grid, far_plot
+from .attacks.base import make_generator
+from .figures import example_grid, far_plot, roc_plots, security_curves
 from .leaderboard import render
+from .pipeline.build import build_defense, build_model
+from .pipeline.cell import Cell
+from .pipeline.compute import pair_source
+from .pipeline.craft import transfer_images
 from .suite import Suite
 
 
 def publish(suite: Suite, records: list[dict], leaderboards: str | Path, imgs: str | Path,
             results_root: str | Path) -> list[Path]:
-    paths = render(suite, records, leaderboards)
+    curves = security_curves(suite, records, imgs)
+    paths = render(suite, records, leaderboards, curves)
+    paths += [p for model in curves.values() for p in model]
     plot = far_plot(suite, records, Path(imgs) / f"{suite.name}_far.png")
     if plot:
         paths.append(plot)
-    from .dataset_suite import roc_plots
-
     paths += roc_plots(suite, records, imgs)  # dataset suites: clean ROC per model
     grid = _examples(suite, records, Path(imgs) / f"{suite.name}_examples.png", results_root)
     if grid:
@@ -28,18 +33,14 @@ def publish(suite: Suite, records: list[dict], leaderboards: str | Path, imgs: s
 
 def _examples(suite: Suite, records: list[dict], path: Path, results_root) -> Path | None:
     """Source, adversarial (first transfer threat), and purified by each finished defense."""
-    from .attacks.base import make_generator
-    from .harness import _data_for, build_defense, build_model, transfer_adversarial
-    from .suite import Cell
-
     ok = [r for r in records if r["status"] == "ok" and r["cell"]["threat_options"].get("setting") == "transfer"]
     if not ok:
         return None
     first = Cell(**ok[0]["cell"])
     model = build_model(first)
-    data = _data_for(first, model)
-    adv, _ = transfer_adversarial(first, model, data, Path(results_root))
-    columns = {"source": data["sources"], f"adversarial ({first.threat})": adv.cpu(), "target": data["targets"]}
+    pairs = pair_source(first).pairs(first.model, model.input_size)
+    adv, _ = transfer_images(first, model, pairs, Path(results_root))
+    columns = {"source": pairs.sources, f"adversarial ({first.threat})": adv.cpu(), "target": pairs.targets}
     for r in ok:
         cell = Cell(**r["cell"])
         if cell.model != first.model or cell.threat != first.threat or cell.defense == "none":

@@ -1,85 +1,34 @@
-"""Suite configs (YAML) and the cells they expand to.
+"""Suite configs (YAML), their validation, and the cells they expand to.
 
 A suite names models, defenses and threat models (each a label -> options mapping)
-plus the data and evaluation settings. A *cell* is one (model, defense, threat model)
-with everything it needs to be computed on its own: results are keyed by a hash of
-the cell's full config and the package version, so a cell computed locally, on another
-shard or on a Ray worker is the same file.
+plus the data and evaluation settings. :meth:`Suite.cells` expands it into
+:class:`~iwmf_bench.pipeline.cell.Cell` s (the cross product, filtered, optionally one
+shard of it), each with everything it needs to be computed on its own. Model and
+defense entries may carry suite keys (:data:`iwmf_bench.util.SUITE_KEYS`) that are not
+factory keywords; ``threats: [LABEL, ...]`` limits an entry to some threat models
+without entering the cells' options, so editing it never invalidates computed cells.
+This module sits above the pipeline: it asks each stage to validate its own keys.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import __version__
+from . import registry
 from .devices import resolve_device
 from .errors import BenchError
+from .pipeline import dataset_pairs, threshold
+from .pipeline.cell import REQUIRES, SETTINGS, SURROGATE_KEYS, Cell
+from .pipeline.surrogate import resolve_surrogate
+from .util import SUITE_KEYS
 
-SETTINGS = ("transfer", "adaptive")
-# Suite-level keys of a model or defense entry (not passed to its factory).
-REQUIRES = ("cuda",)  # ``requires: cuda``: skip the entry's cells on a machine without a GPU
-SUITE_KEYS = ("defense", "requires", "threshold", "threats")  # threshold: a model's, fixed or calibrated (dataset_suite)
-# ``threats: [LABEL, ...]`` on a model or defense entry: cross it with only these threat
-# models (default: all), so a suite can give an expensive entry a cheaper column set. Not
-# part of the cells' options, so editing the list never invalidates computed cells.
-# Threat-model keys of the transfer-from-surrogate setting (iwmf_bench.cross_model), not
-# passed to the attack; the last two are filled in at load from the suite's entries.
-SURROGATE_KEYS = ("surrogate", "surrogate_defense", "surrogate_options", "surrogate_defense_options")
-
-
-@dataclass(frozen=True)
-class Cell:
-    suite: str
-    model: str
-    model_options: dict
-    defense: str  # label in the suite
-    defense_options: dict  # includes "defense": registered name
-    threat: str  # label in the suite
-    threat_options: dict  # includes "attack": registered name or None
-    data: dict
-    evaluation: dict
-    seed: int
-    device: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.model}/{self.defense}/{self.threat}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def key(self) -> str:
-        """Hash of everything that determines the cell's numbers, and the package version."""
-        payload = {k: v for k, v in self.to_dict().items() if k != "suite"}
-        blob = json.dumps({"cell": payload, "version": __version__}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-    @property
-    def missing_requirement(self) -> str | None:
-        """Why this cell cannot run on its device (None: it can)."""
-        t = self.threat_options
-        for what, label, opts in (("model", self.model, self.model_options),
-                                  ("defense", self.defense, self.defense_options),
-                                  ("surrogate", t.get("surrogate"), t.get("surrogate_options") or {}),
-                                  ("surrogate defense", t.get("surrogate_defense"),
-                                   t.get("surrogate_defense_options") or {})):
-            if opts.get("requires") == "cuda" and not self.device.startswith("cuda"):
-                return (f"{what} {label!r} needs a CUDA GPU ('requires: cuda' in the suite: far too slow on "
-                        f"{self.device}); run the suite on a GPU machine, or delete that line to run it on "
-                        f"{self.device} anyway")
-        return None
-
-    @property
-    def setting(self) -> str | None:
-        return self.threat_options.get("setting") if self.threat_options.get("attack") else None
-
+# Suite-level keys of a threat model entry (not in its cells' options): ``table_eps``, the
+# budget of an ``eps: [...]`` sweep that the Markdown table shows.
+THREAT_SUITE_KEYS = ("table_eps",)
 
 @dataclass
 class Suite:
@@ -93,6 +42,33 @@ class Suite:
     threat_models: dict[str, dict]
     evaluation: dict = field(default_factory=dict)
     check: dict = field(default_factory=dict)
+
+    def budgets(self, threat: str) -> list[tuple[str, dict]]:
+        """(cell label, attack options) of each budget of a threat model: itself when its
+        ``eps`` is one number; when ``eps`` is a list, one cell per budget (so a longer list
+        reuses the computed ones): the budget the table shows (``table_eps``, default the
+        largest) keeps the threat's label, so turning a number into a list that holds it
+        keeps that cell's key; the others are ``LABEL@EPS``."""
+        raw = self.threat_models[threat]
+        opts = {k: v for k, v in raw.items() if k not in THREAT_SUITE_KEYS}
+        if not isinstance(opts.get("eps"), list):
+            return [(threat, opts)]
+        shown = raw.get("table_eps", max(opts["eps"]))
+        return [(threat if eps == shown else budget_label(threat, eps), {**opts, "eps": eps}) for eps in opts["eps"]]
+
+    def sweeps(self) -> dict[str, list[tuple[float, str]]]:
+        """Threat models with a list of budgets: (eps, cell label) of each, in order."""
+        return {t: [(o["eps"], label) for label, o in self.budgets(t)]
+                for t, opts in self.threat_models.items() if isinstance(opts.get("eps"), list)}
+
+    def columns(self) -> list[str]:
+        """Cell labels in table order; of a sweep, every budget (CSV/JSON show them all)."""
+        return [label for t in self.threat_models for label, _ in self.budgets(t)]
+
+    def shown(self, label: str) -> bool:
+        """Whether a column appears in the Markdown table: every threat model's own label
+        (of a sweep, its ``table_eps`` budget), not the other budgets of a sweep."""
+        return label in self.threat_models
 
     def cells(self, models: list[str] | None = None, defenses: list[str] | None = None,
               attacks: list[str] | None = None, shard: tuple[int, int] | None = None) -> list[Cell]:
@@ -108,24 +84,43 @@ class Suite:
         strip = lambda opts: {k: v for k, v in opts.items() if k != "threats"}  # noqa: E731
         for m, m_opts in self.models.items():
             for d, d_opts in self.defenses.items():
-                for t, t_opts in self.threat_models.items():
+                for t in self.threat_models:
                     if (models and m not in models) or (defenses and d not in defenses) \
                             or (attacks and t not in attacks) \
                             or t not in m_opts.get("threats", [t]) or t not in d_opts.get("threats", [t]):
                         continue
-                    out.append(Cell(self.name, m, strip(m_opts), d, strip(d_opts), t, dict(t_opts),
-                                    dict(self.data), dict(self.evaluation), self.seed, device))
+                    for label, t_opts in self.budgets(t):
+                        out.append(Cell(self.name, m, strip(m_opts), d, strip(d_opts), label, dict(t_opts),
+                                        dict(self.data), dict(self.evaluation), self.seed, device))
         if shard:
             i, n = shard
             out = [c for j, c in enumerate(out) if j % n == i - 1]
         return out
 
 
+def budget_label(threat: str, eps: float) -> str:
+    return f"{threat}@{eps:g}"
+
+
+def check_budgets(path: Path, label: str, opts: dict) -> None:
+    """``eps`` is a number or a non-empty list of distinct positive numbers; ``table_eps``
+    (the budget the Markdown table shows) is one of them."""
+    where = f"{path}: threat_models.{label}"
+    eps = opts.get("eps")
+    if isinstance(eps, list):
+        if not eps or any(isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0 for e in eps) \
+                or len({float(e) for e in eps}) != len(eps):
+            raise BenchError(f"{where}.eps must be a number or a list of distinct positive numbers, got {eps!r}")
+        if opts["attack"] is None:
+            raise BenchError(f"{where}: a list of budgets needs an attack (attack: null has no budget)")
+    if "table_eps" in opts and (not isinstance(eps, list) or opts["table_eps"] not in eps):
+        raise BenchError(f"{where}.table_eps must be one of its eps list, got {opts['table_eps']!r} "
+                         f"(eps: {eps!r})")
+
+
 def _check_options(path: Path, what: str, label: str, factory: Any, options: dict) -> None:
     """Unknown option names (typos) fail before anything runs, naming what is accepted."""
-    from .registry import unknown_options
-
-    unknown, accepted = unknown_options(factory, sorted(options))
+    unknown, accepted = registry.unknown_options(factory, sorted(options))
     if unknown:
         raise BenchError(f"{path}: {what}.{label}: unknown option(s) {', '.join(unknown)} "
                          f"(accepted: {', '.join(accepted)})")
@@ -133,8 +128,6 @@ def _check_options(path: Path, what: str, label: str, factory: Any, options: dic
 
 def validate(suite: "Suite") -> None:
     """Every name is registered and every option is accepted by its factory."""
-    from . import registry
-
     for label, opts in suite.models.items():
         rest = {k: v for k, v in opts.items() if k not in SUITE_KEYS}
         _check_options(suite.path, "models", label, registry.get("models", label).factory, rest)
@@ -144,7 +137,10 @@ def validate(suite: "Suite") -> None:
     for label, opts in suite.threat_models.items():
         if opts["attack"] is None:
             continue
-        rest = {k: v for k, v in opts.items() if k not in ("attack", "setting", *SURROGATE_KEYS)}
+        suite_keys = ("attack", "setting", *SURROGATE_KEYS, *THREAT_SUITE_KEYS)
+        rest = {k: v for k, v in opts.items() if k not in suite_keys}
+        if isinstance(rest.get("eps"), list):  # a sweep: each budget is checked as its own attack
+            rest["eps"] = rest["eps"][0]
         factory = registry.get("attacks", opts["attack"]).factory
         _check_options(suite.path, "threat_models", label, factory, rest)
         if hasattr(factory, "validate_options"):  # attacks that can check more (e.g. a library class name)
@@ -152,9 +148,9 @@ def validate(suite: "Suite") -> None:
                 factory.validate_options(**rest)
             except BenchError as exc:
                 raise BenchError(f"{suite.path}: threat_models.{label}: {exc}") from None
-    from .dataset_suite import validate as validate_dataset  # data.dataset and model thresholds
-
-    validate_dataset(suite.path, suite.data, suite.models)
+    if "dataset" in suite.data:
+        dataset_pairs.validate(suite.path, suite.data)
+    threshold.validate(suite.path, suite.data, suite.models)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -219,14 +215,13 @@ def load_suite(path: str | Path) -> Suite:
                              "for clean images)")
         if opts["attack"] is not None and opts.setdefault("setting", "transfer") not in SETTINGS:
             raise BenchError(f"{path}: threat_models.{label}.setting must be one of {SETTINGS}")
+        check_budgets(path, label, opts)
     data = dict(raw["data"])
-    for key in ("sources", "targets") if "dataset" not in data else ():  # or a dataset plugin (dataset_suite)
+    for key in ("sources", "targets") if "dataset" not in data else ():  # or a dataset plugin (pipeline.dataset_pairs)
         if key not in data:
             raise BenchError(f"{path}: data.{key} is required (or data.dataset: a registered dataset)")
     for label, opts in threats.items():
         if any(key in opts for key in SURROGATE_KEYS):
-            from .cross_model import resolve_surrogate
-
             resolve_surrogate(path, label, opts, models, defenses, data)
     return Suite(name=str(raw.get("name", path.stem)), path=path, seed=int(raw.get("seed", 0)),
                  device=str(raw.get("device", "auto")), data=data,

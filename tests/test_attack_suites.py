@@ -200,13 +200,13 @@ def test_suite_validation_accepts_library_options(tmp_path):
 
 
 def test_missing_library_gives_a_skipped_row(shared_imgs, tmp_path, monkeypatch):
-    from iwmf_bench.harness import run_cell
+    from iwmf_bench.pipeline.compute import run_cell
 
     for kind in ("source", "target"):  # two pairs, resized rather than aligned: seconds
         (tmp_path / kind).mkdir()
         for path in sorted((shared_imgs / kind).iterdir())[:2]:
             shutil.copy(path, tmp_path / kind / path.name)
-    from iwmf_bench.harness import predict_skips
+    from iwmf_bench.runner import predict_skips
 
     suite = load_suite(_write(tmp_path))
     assert not predict_skips(suite.cells())  # both libraries are installed in the dev venv

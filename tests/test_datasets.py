@@ -149,7 +149,7 @@ def test_verification_bin_written_here(shared_imgs, tmp_path, protocol):
     assert torch.equal(ds.read(0), read_image(src[0])) and torch.equal(ds.read(1), read_image(src[1]))
     assert torch.equal(ds.read(3), read_image(tgt[1]))
     # no identity labels: threat pairs come from the listed pairs
-    from iwmf_bench.dataset_suite import threat_pairs
+    from iwmf_bench.pipeline.dataset_pairs import threat_pairs
 
     tp = threat_pairs(ds, 3, 0)
     listed = {(p.a, p.b): p.same for p in ds.pairs()}
@@ -243,7 +243,7 @@ def test_suite_on_lfw_with_calibrated_threshold_end_to_end(lfw_root, tmp_path, m
     assert "clean pairs (iwmf, 4 genuine / 4 impostor" in md and "clean pairs (none" in md
     assert (imgs / "lfw-tiny_roc_dlib-resnet.png").is_file()
     # threat pairs: attacker and victim of different identities, drawn with the seed
-    from iwmf_bench.dataset_suite import threat_pairs
+    from iwmf_bench.pipeline.dataset_pairs import threat_pairs
 
     ds = open_dataset("lfw", root=str(lfw_root), pairs_file=str(tmp_path / "pairs36.txt"), ext="png")
     tp = threat_pairs(ds, 4, 0)
@@ -270,3 +270,89 @@ def test_bad_dataset_suites_fail_before_running(tmp_path, data, threshold, messa
                    "defenses: {none: {}}\nthreat_models: {clean: {attack: null}}\n")
     with pytest.raises(BenchError, match=message):
         validate(load_suite(cfg))
+
+
+ORTHOGONAL = """\
+name: lfw-orthogonal
+seed: 0
+device: cpu
+data: {{dataset: lfw, root: "{root}", pairs_file: "{pairs}", ext: png, pairs: 4}}
+models: [dlib-resnet]
+defenses:
+  none: {{defense: none}}
+  iwmf: {{defense: iwmf, lambda_0: 0.1}}
+threat_models:
+  clean-dodging: {{attack: null, goal: dodging}}
+  apgd-dodging: {{attack: apgd, setting: transfer, goal: dodging, norm: Linf, eps: 0.03, steps: 5}}
+  adaptive-dodging: {{attack: apgd, setting: adaptive, goal: dodging, norm: Linf, eps: 0.03, steps: 3,
+                     eot_iter: 2, grad_mode: exact}}
+  apgd-photo: {{attack: apgd, setting: transfer, surrogate: dlib-resnet, norm: Linf, eps: 0.03, steps: 5}}
+evaluation: {{draws: 2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def orthogonal_run(lfw_root, tmp_path_factory):
+    """Crafting methods the folder protocol had alone, on a dataset suite: dodging
+    (transfer and adaptive) and cross-model transfer through the raw photos."""
+    from iwmf_bench.runner import run_cells
+    from iwmf_bench.suite import load_suite, validate
+
+    tmp = tmp_path_factory.mktemp("orthogonal")
+    people = sorted(PEOPLE)
+    matched = [(0, p, i, p, i + 1) for p in people for i in range(1, 10)]
+    mismatched = [(0, p, i, people[(k + 1) % 4], i) for k, p in enumerate(people) for i in range(1, 10)]
+    write_pairs(tmp / "pairs36.txt", matched + mismatched, 1, 36)
+    cfg = tmp / "orthogonal.yaml"
+    cfg.write_text(ORTHOGONAL.format(root=lfw_root, pairs=tmp / "pairs36.txt"))
+    suite = load_suite(cfg)
+    validate(suite)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("IWMF_BENCH_CACHE", str(tmp / "cache"))
+    try:
+        records = run_cells(suite.cells(), tmp / "results", progress=False)
+    finally:
+        mp.undo()
+    return suite, {(r["cell"]["defense"], r["cell"]["threat"]): r for r in records}, tmp
+
+
+def test_dodging_on_a_dataset_suite(orthogonal_run):
+    """Dodging perturbs the probe of each listed genuine pair so that it is rejected
+    against its own identity's reference: clean, few are; after APGD, all are. The
+    rate equals a straightforward re-scoring of the saved images within the budget."""
+    from iwmf_bench import load_model
+    from iwmf_bench.data import quantize
+    from iwmf_bench.pipeline.dataset_pairs import DatasetPairs
+
+    suite, by, tmp = orthogonal_run
+    assert all(r["status"] == "ok" for r in by.values()), [r.get("reason") for r in by.values()]
+    clean, attacked = by[("none", "clean-dodging")]["metrics"], by[("none", "apgd-dodging")]["metrics"]
+    assert "far" not in attacked and attacked["goal"] == "dodging"
+    assert clean["dodging_success"]["n"] == attacked["dodging_success"]["n"] == 4  # the genuine pairs
+    assert clean["dodging_success"]["k"] <= 1 and attacked["dodging_success"]["k"] == 4
+    assert by[("none", "adaptive-dodging")]["metrics"]["dodging_success"]["k"] >= 3
+    # re-score the cached transfer images by hand
+    cell = next(c for c in suite.cells() if c.defense == "none" and c.threat == "apgd-dodging")
+    ident = cell.derived(defense="-", defense_options={}, evaluation={}).key
+    adv = torch.load(tmp / "results" / suite.name / "adversarial" / f"{ident}.pt", weights_only=True)["adversarial"]
+    pairs = DatasetPairs(cell.data, cell.seed).pairs("dlib-resnet", 150)
+    assert (adv - pairs.genuine_a).abs().amax() <= 0.03 + 1e-6
+    model = load_model("dlib-resnet")
+    with torch.no_grad():
+        d = (model.embed(quantize(adv)) - model.embed(pairs.genuine_b)).norm(dim=1)
+    assert int((d > model.threshold).sum()) == attacked["dodging_success"]["k"]
+
+
+def test_cross_model_transfer_on_a_dataset_suite(orthogonal_run, tmp_path):
+    """``surrogate: MODEL`` on a dataset: the drawn attackers' raw photos are perturbed
+    within the budget (on the photo) and scored through each model's own alignment."""
+    from iwmf_bench.leaderboard import render
+
+    suite, by, _ = orthogonal_run
+    m = by[("none", "apgd-photo")]["metrics"]
+    assert m["surrogate"] == "dlib-resnet" and m["photo_linf"] <= 0.03 + 1e-6
+    assert m["pairs"] == 4 and m["far"]["k"] >= 3  # same model: the attack transfers to itself
+    assert by[("iwmf", "apgd-photo")]["metrics"]["far_worst_of_n"]["n"] == 4
+    render(suite, list(by.values()), tmp_path)
+    md = (tmp_path / "dlib-resnet.md").read_text()
+    assert "dodging apgd-dodging %" in md and "FAR apgd-photo %" in md

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from iwmf_bench.errors import BenchError
-from iwmf_bench.harness import run_cells
+from iwmf_bench.runner import run_cells
 from iwmf_bench.leaderboard import check, render
 from iwmf_bench.suite import load_suite, parse_shard, validate
 
@@ -264,7 +264,7 @@ def test_adaptive_below_transfer_is_flagged_in_table_and_notes(tiny_config, tiny
 
 
 def test_skipped_cells_are_predicted_before_running(tiny_config, tmp_path):
-    from iwmf_bench.harness import predict_skips
+    from iwmf_bench.runner import predict_skips
 
     cfg = tmp_path / "t.yaml"
     cfg.write_text(tiny_config.read_text().replace("iwmf: {defense: iwmf, lambda_0: 0.25}",
@@ -345,7 +345,7 @@ evaluation: {{draws: 1}}
 
 
 def test_adaptive_gradient_mode_a_defense_lacks_is_not_applicable(shared_imgs, tmp_path):
-    from iwmf_bench.harness import predict_skips
+    from iwmf_bench.runner import predict_skips
     from iwmf_bench.leaderboard import tables
 
     cfg = tmp_path / "na.yaml"

@@ -277,7 +277,7 @@ def test_missing_weights_name_the_fetch_command(tmp_path, monkeypatch, capsys, n
 
 
 def test_suite_cells_of_missing_priors_are_skipped(tmp_path, monkeypatch, shared_imgs):
-    from iwmf_bench.harness import run_cells
+    from iwmf_bench.runner import run_cells
     from iwmf_bench.suite import load_suite
 
     monkeypatch.setenv("IWMF_BENCH_HOME", str(tmp_path))

@@ -1,4 +1,4 @@
-"""Cross-model transfer (iwmf_bench.cross_model): attacks on the raw photo before each
+"""Cross-model transfer (iwmf_bench.pipeline.surrogate): attacks on the raw photo before each
 model's alignment, crafted on a surrogate and scored on the cell's model. dlib-resnet
 plays both parts here (the only model whose weights every machine has)."""
 
@@ -13,10 +13,12 @@ import torch
 
 from iwmf_bench import metrics
 from iwmf_bench.align import crop_transform, detect_faces, get_spec, warp_affine
-from iwmf_bench.cross_model import AlignedDefense, AlignedModel, PhotoAlignment, source_photos
+from iwmf_bench.pipeline.build import model_named
+from iwmf_bench.pipeline.folder_pairs import folder_pairs, folder_photos
+from iwmf_bench.pipeline.photo_space import AlignedDefense, AlignedModel, PhotoAlignment
 from iwmf_bench.data import load_folder, quantize
 from iwmf_bench.errors import BenchError
-from iwmf_bench.harness import _model, prepare_data, run_cells
+from iwmf_bench.runner import run_cells
 from iwmf_bench.registry import create
 from iwmf_bench.suite import load_suite, validate
 
@@ -44,21 +46,21 @@ evaluation: {{draws: 3}}
 def photos(shared_imgs):
     """The 4 pairs' raw source photos, their faces, and dlib-resnet's aligned crops of them."""
     src, tgt = str((shared_imgs / "source").resolve()), str((shared_imgs / "target").resolve())
-    clean, faces = source_photos(src, PAIRS)
-    crops = prepare_data(src, tgt, True, PAIRS, "dlib-resnet", 150)
+    clean, faces = folder_photos(src, PAIRS)
+    crops = folder_pairs(src, tgt, True, PAIRS, "dlib-resnet", 150)
     return clean, list(faces), crops
 
 
 @pytest.fixture(scope="module")
 def dlib():
-    return _model("dlib-resnet", "{}", "cpu")
+    return model_named("dlib-resnet", {}, "cpu")
 
 
 def test_warp_of_the_clean_photo_is_the_aligned_crop(photos):
     clean, faces, crops = photos
     alignment = PhotoAlignment(clean, faces, "dlib-resnet")
-    assert clean.shape == (PAIRS, 3, 160, 160) and crops["sources"].shape == (PAIRS, 3, 150, 150)
-    torch.testing.assert_close(alignment(clean), crops["sources"], rtol=0, atol=1e-6)
+    assert clean.shape == (PAIRS, 3, 160, 160) and crops.sources.shape == (PAIRS, 3, 150, 150)
+    torch.testing.assert_close(alignment(clean), crops.sources, rtol=0, atol=1e-6)
     # Any subset, any order (Square re-queries unfinished samples), also perturbed:
     # each photo keeps the warp of the clean photo it perturbs.
     order = [2, 0, 3]
@@ -76,7 +78,7 @@ def test_gradients_flow_from_the_embedding_to_the_photo(photos, dlib):
     model = AlignedModel(dlib, PhotoAlignment(clean, faces, "dlib-resnet"))
     x = clean.clone().requires_grad_(True)
     emb = model.embed(x)
-    torch.testing.assert_close(emb, dlib.embed(crops["sources"]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(emb, dlib.embed(crops.sources), rtol=0, atol=1e-5)
     (grad,) = torch.autograd.grad(emb.pow(2).sum(), x)
     assert torch.isfinite(grad).all()
     assert (grad.flatten(1).abs().amax(dim=1) > 0).all()  # every photo gets a gradient
@@ -101,7 +103,7 @@ def test_aligned_defense_purifies_the_crop_with_the_same_randomness(photos):
     view = AlignedDefense(iwmf, PhotoAlignment(clean, faces, "dlib-resnet"))
     assert view.stochastic and view.grad_modes == iwmf.grad_modes
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    torch.testing.assert_close(view.purify(clean, g1), iwmf.purify(crops["sources"], g2), rtol=0, atol=1e-6)
+    torch.testing.assert_close(view.purify(clean, g1), iwmf.purify(crops.sources, g2), rtol=0, atol=1e-6)
     x = clean.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(view.purify(x, torch.Generator().manual_seed(1), "exact").sum(), x)
     assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
@@ -143,7 +145,7 @@ def test_same_model_pre_alignment_attack_end_to_end(tiny_run, photos, dlib):
     spec = get_spec("dlib-resnet")
     aligned = torch.stack([warp_affine(a, crop_transform(f, spec), spec.size) for a, f in zip(adv, faces)])
     with torch.no_grad():
-        s = metrics.scores(dlib.embed(aligned), dlib.embed(crops["targets"]), dlib.metric)
+        s = metrics.scores(dlib.embed(aligned), dlib.embed(crops.targets), dlib.metric)
     accepted = int(metrics.accepts(s, dlib.threshold, dlib.metric).sum())
     assert undefended["far"]["k"] == accepted and undefended["far"]["n"] == PAIRS
     assert undefended["far"]["value"] >= 0.75
@@ -193,7 +195,8 @@ def test_invalid_surrogate_options_fail_at_load_with_one_line(shared_imgs, tmp_p
 
 
 def test_missing_surrogate_weights_are_predicted_and_skipped(shared_imgs, tmp_path, monkeypatch):
-    from iwmf_bench.harness import predict_skips, run_cell
+    from iwmf_bench.pipeline.compute import run_cell
+    from iwmf_bench.runner import predict_skips
 
     config = tmp_path / "s.yaml"
     config.write_text(SUITE.format(src=shared_imgs / "source", tgt=shared_imgs / "target")

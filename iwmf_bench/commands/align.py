@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..align import align_folder
+
 
 def register(sub):
     p = sub.add_parser("align", help="align raw face photos to a model's template (MTCNN landmarks)")
@@ -13,7 +15,5 @@ def register(sub):
 
 
 def run(args) -> int:
-    from ..align import align_folder
-
     failed = align_folder(args.input, args.output, args.model, device=args.device)
     return 1 if failed else 0

@@ -4,11 +4,16 @@ impostor pairs (bootstrap interval), written to a small JSON; prints TAR there."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import yaml
 
+from .. import registry
+from ..calibration import cached_calibration
 from ..errors import BenchError
 from ..models.base import frozen
+from ..roc import check_far
+from ..util import write_json_atomic
 
 # Common dataset options get their own flags; any other goes through -O KEY=VALUE.
 FLAGS = ("root", "pairs_file", "identity_file", "path", "sources", "targets", "ext")
@@ -49,13 +54,6 @@ def dataset_options(args) -> dict:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from .. import registry
-    from ..calibration import cached_calibration
-    from ..harness import write_json_atomic
-    from ..roc import check_far
-
     if not 0 < args.far < 1:  # before loading anything
         check_far(args.far, 1)
     model_opts = {"weights": args.weights} if args.weights else {}

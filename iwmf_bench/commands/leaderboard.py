@@ -6,6 +6,9 @@ import sys
 import tempfile
 
 from ..errors import BenchError
+from ..leaderboard import check as compare
+from ..publish import publish
+from ..runner import run_cells
 from ..suite import load_suite, validate
 from .run import add_suite_options, locate_config
 
@@ -27,9 +30,6 @@ def register(sub):
 
 
 def render(args) -> int:
-    from ..harness import run_cells
-    from ..publish import publish
-
     suite = load_suite(locate_config(args.config))
     validate(suite)
     records = run_cells(suite.cells(), args.results, args.executor, args.ray_address, progress=not args.no_progress)
@@ -39,9 +39,6 @@ def render(args) -> int:
 
 
 def check(args) -> int:
-    from ..harness import run_cells
-    from ..leaderboard import check as compare
-
     suite = load_suite(locate_config(args.config))
     validate(suite)
     atol = args.atol if args.atol is not None else float(suite.check.get("atol", 0.0))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from ..devices import resolve_device
 from ..errors import BenchError
+from ..publish import publish
+from ..runner import run_cells
 from ..suite import load_suite, parse_shard, validate
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -47,9 +49,6 @@ def locate_config(path: str) -> Path:
 
 
 def run(args) -> int:
-    from ..harness import run_cells
-    from ..publish import publish
-
     suite = load_suite(locate_config(args.config))
     validate(suite)
     filters = (_names(args.models), _names(args.defenses), _names(args.attacks))

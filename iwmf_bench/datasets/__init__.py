@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import registry
 from .base import Dataset, DatasetError, Pair, sample_pairs
 
 __all__ = ["Dataset", "DatasetError", "Pair", "sample_pairs", "open_dataset"]
@@ -11,8 +12,6 @@ __all__ = ["Dataset", "DatasetError", "Pair", "sample_pairs", "open_dataset"]
 
 def open_dataset(name: str, **options: Any) -> Dataset:
     """Build the registered dataset ``name``; unknown options fail naming the accepted ones."""
-    from .. import registry
-
     entry = registry.get("datasets", name)
     unknown, accepted = registry.unknown_options(entry.factory, sorted(options))
     if unknown:

@@ -1,0 +1,87 @@
+"""A cell: one (model, defense, threat model) of a suite, with everything needed to
+compute it on its own.
+
+Results are keyed by a hash of the cell's full config and the package version
+(:attr:`Cell.key`), so a cell computed locally, on another shard or on a Ray worker is
+the same file. Changing what a cell holds changes every key: the committed leaderboards
+depend on this layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .. import __version__
+
+SETTINGS = ("transfer", "adaptive")
+REQUIRES = ("cuda",)  # ``requires: cuda``: skip the entry's cells on a machine without a GPU
+# Threat-model keys of the transfer-from-surrogate setting (:mod:`.surrogate`), not passed
+# to the attack; the last two are filled in at load from the suite's entries.
+SURROGATE_KEYS = ("surrogate", "surrogate_defense", "surrogate_options", "surrogate_defense_options")
+
+
+@dataclass(frozen=True)
+class Cell:
+    suite: str
+    model: str
+    model_options: dict
+    defense: str  # label in the suite
+    defense_options: dict  # includes "defense": registered name
+    threat: str  # label in the suite
+    threat_options: dict  # includes "attack": registered name or None
+    data: dict
+    evaluation: dict
+    seed: int
+    device: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.defense}/{self.threat}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def key(self) -> str:
+        """Hash of everything that determines the cell's numbers, and the package version."""
+        payload = {k: v for k, v in self.to_dict().items() if k != "suite"}
+        blob = json.dumps({"cell": payload, "version": __version__}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    def derived(self, **changes: Any) -> "Cell":
+        """This cell with some fields replaced: the identity of a stage's result that is
+        shared by several cells (e.g. ``defense="-"`` for transfer images, which every
+        defense of a model shares)."""
+        return Cell(**{**self.to_dict(), **changes})
+
+    @property
+    def missing_requirement(self) -> str | None:
+        """Why this cell cannot run on its device (None: it can)."""
+        t = self.threat_options
+        for what, label, opts in (("model", self.model, self.model_options),
+                                  ("defense", self.defense, self.defense_options),
+                                  ("surrogate", t.get("surrogate"), t.get("surrogate_options") or {}),
+                                  ("surrogate defense", t.get("surrogate_defense"),
+                                   t.get("surrogate_defense_options") or {})):
+            if opts.get("requires") == "cuda" and not self.device.startswith("cuda"):
+                return (f"{what} {label!r} needs a CUDA GPU ('requires: cuda' in the suite: far too slow on "
+                        f"{self.device}); run the suite on a GPU machine, or delete that line to run it on "
+                        f"{self.device} anyway")
+        return None
+
+    @property
+    def setting(self) -> str | None:
+        """``None`` (clean images), ``"transfer"`` or ``"adaptive"``."""
+        return self.threat_options.get("setting") if self.threat_options.get("attack") else None
+
+    @property
+    def goal(self) -> str:
+        """``"impersonation"`` (the default) or ``"dodging"``."""
+        return str(self.threat_options.get("goal", "impersonation"))
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.evaluation.get("batch_size", 32))

@@ -1,0 +1,133 @@
+"""Stage 2, craft: the adversarial images of a cell.
+
+One interface, :class:`Crafter`, one implementation per way of crafting:
+
+* :class:`Clean`: no attack (the probes themselves);
+* :class:`Transfer`: the attack on the undefended cell model, then purified at scoring
+  (the paper's setting); shared by every defense of a model, so cached on disk;
+* :class:`Adaptive`: the attack with the cell's defense in its loop (EOT, exact or
+  BPDA gradients, as the attack's options say);
+* :class:`~iwmf_bench.pipeline.surrogate.SurrogateTransfer`: crafted on another face
+  model's view of the raw photos (``surrogate: MODEL``).
+
+The probes and their references depend only on the threat's goal
+(:func:`attack_pairs`): impersonation perturbs each source towards its target,
+dodging perturbs each probe away from its own identity. So every crafter works with
+every pair source. A crafter returns :class:`Crafted`: the images, facts about their
+crafting for the record, and the defense as the cell's model sees them through it
+(the cell's defense, or a photo-space view of it).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..attacks.base import AttackTask
+from ..defenses.base import Defense
+from ..util import batched, save_tensors_atomic
+from .build import build_attack
+from .cell import Cell
+from .pairs import Pairs, PairSource
+
+
+@dataclass
+class CraftTask:
+    """What a crafter may use: the cell, its model (threshold applied), defense and pairs."""
+
+    cell: Cell
+    model: Any
+    defense: Defense
+    source: PairSource
+    pairs: Pairs
+    references: torch.Tensor  # embeddings of the attack's references (see attack_pairs), batch of the cell
+    results_root: Path | None = None
+
+
+@dataclass
+class Crafted:
+    adversarial: torch.Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+    scoring_defense: Defense | None = None  # None: the cell's defense on the aligned images
+
+
+def attack_pairs(pairs: Pairs, goal: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(probes, reference images, probe identity labels) of a threat's goal."""
+    if goal == "dodging":
+        return pairs.dodging()
+    return pairs.sources, pairs.targets, list(pairs.source_labels)
+
+
+def run_attack(cell: Cell, model, probes: torch.Tensor, references: torch.Tensor,
+               defense: Defense | None) -> tuple[torch.Tensor, dict]:
+    """Run the cell's attack (``defense=None``: on the undefended model); images and facts."""
+    start = time.perf_counter()
+    result = build_attack(cell).run(AttackTask(model, probes, references, defense, cell.seed))
+    return result.adversarial, {
+        "attack_seconds_per_image": (time.perf_counter() - start) / probes.shape[0],
+        "flags": {k: bool(v) for k, v in result.flags.items()},
+        "attack_success": result.success_rate.to_dict(),
+        "attack_queries_per_image": float(result.queries.float().mean()),
+        # facts a reader needs (library RNG use, EOT cut to one draw, ...), as the attack states them
+        "attack_notes": {k: v for k, v in result.info.items() if k in ("rng", "eot_note", "library", "projected")},
+        # minimal-budget attacks (min-eps): each pair's smallest breaking budget, for the score stage
+        **{k: result.info[k] for k in ("min_eps", "failed_eps") if k in result.info}}
+
+
+def cached(path: Path | None, make) -> tuple[torch.Tensor, dict]:
+    """``make()`` -> (images, info), saved atomically at ``path`` and reused from there."""
+    if path is not None and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved["adversarial"], saved["info"]
+    adv, info = make()
+    if path is not None:
+        save_tensors_atomic(path, {"adversarial": adv.cpu(), "info": info})
+    return adv, info
+
+
+class Crafter(ABC):
+    @abstractmethod
+    def craft(self, task: CraftTask) -> Crafted:
+        """The cell's adversarial images (on the cell's device)."""
+
+
+class Clean(Crafter):
+    def craft(self, task: CraftTask) -> Crafted:
+        return Crafted(attack_pairs(task.pairs, task.cell.goal)[0].to(task.cell.device))
+
+
+def transfer_images(cell: Cell, model, pairs: Pairs, results_root: Path | None) -> tuple[torch.Tensor, dict]:
+    """The cell's attack on the undefended model: the same for every defense of the model,
+    so computed once per (model, threat model) and cached beside the results."""
+    ident = cell.derived(defense="-", defense_options={}, evaluation={}).key
+    path = (Path(results_root) / cell.suite / "adversarial" / f"{ident}.pt") if results_root else None
+    dev = cell.device
+
+    def make():
+        probes, ref_images, _ = attack_pairs(pairs, cell.goal)
+        refs = batched(model.embed, ref_images.to(dev), 32)
+        return run_attack(cell, model, probes.to(dev), refs, None)
+
+    adv, info = cached(path, make)
+    return adv.to(dev), info
+
+
+class Transfer(Crafter):
+    """Crafted on the undefended model (:func:`transfer_images`), purified at scoring."""
+
+    def craft(self, task: CraftTask) -> Crafted:
+        return Crafted(*transfer_images(task.cell, task.model, task.pairs, task.results_root))
+
+
+class Adaptive(Crafter):
+    """The attack with the cell's defense in its loop."""
+
+    def craft(self, task: CraftTask) -> Crafted:
+        probes = attack_pairs(task.pairs, task.cell.goal)[0].to(task.cell.device)
+        adv, info = run_attack(task.cell, task.model, probes, task.references, task.defense)
+        return Crafted(adv, info)
