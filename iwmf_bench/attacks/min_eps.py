@@ -1,0 +1,315 @@
+"""Each pair's minimal budget: a per-sample bisection over eps with a warm-started APGD.
+
+For every sample, :class:`MinEps` searches the smallest budget (``norm`` Linf or L2) at
+which our APGD (:mod:`.apgd`, the same options: ``steps``, ``eot_iter``, ``grad_mode``,
+``goal``) breaks it, within ``[0, eps]`` (``eps`` is the upper bound ``eps_max``). It is
+the minimal-perturbation view of a threat model (Carlini et al. 2019 ask for accuracy as
+a function of the budget; FMN, Pintor et al. 2021, reports each sample's smallest
+successful budget): ``task.defense=None`` gives the transfer setting's budgets (crafted
+on the bare model), a defense in the task the adaptive one's (gradients through it,
+EOT over its randomness).
+
+The search, batched over samples (each round is one APGD call in which every sample still
+searching runs at its own eps):
+
+1. budget 0: the sources themselves (a pair the model already confuses needs no budget);
+2. budget ``eps_max``: APGD from its random start; a sample not broken here gets
+   ``min_eps = inf`` (its failure at ``eps_max`` is recorded);
+3. up to ``search_steps`` more rounds: the next budget is ``hi / 2`` while no failure above
+   0 is recorded, then the geometric midpoint ``sqrt(lo * hi)`` of the bracket, where
+   ``hi`` is the smallest budget with a recorded success and ``lo`` the largest recorded
+   failure below it. APGD starts warm, from the best adversarial image found so far (at
+   ``hi``) projected into the smaller ball. A sample stops once
+   ``lo >= (1 - rel_tol) * hi`` (default: the recorded failure is within 0.9x of the
+   reported budget). That takes about ``log2(eps_max / min_eps)`` halvings, then three
+   geometric steps (bracket ratio 0.5 -> 0.71 -> 0.84 -> 0.92); a sample still searching
+   after ``search_steps`` rounds keeps its bracket and ``converged`` says so.
+
+Success is judged on what an attacker submits and the harness scores: the image rounded
+to the 8-bit grid (:func:`iwmf_bench.data.quantize`), its goal-signed margin averaged over
+``eot_iter`` draws of the defense's randomness (one draw when there is none or it is
+deterministic). On 8-bit sources the image is first rounded inside its own budget
+(:func:`.base.quantize_within_budget`, as :meth:`.base.Attack.run` rounds every output),
+so budget and success refer to the same image; on off-grid sources (aligned crops) the
+budget is measured on the float image, as for every attack, and budgets well below
+``0.5/255`` (Linf) drown in the rounding. A success at budget ``e`` is recorded at the
+image's actual perturbation size ``p <= e`` (it succeeded inside the ``p``-ball too), so
+``hi`` drops to ``p``; for Linf on 8-bit sources this puts the reported budget on the
+grid ``k/255`` (budgets between two grid levels admit the same images).
+
+Result: ``adversarial`` is each sample's image at its minimal budget (the source for
+unbroken samples and for ``min_eps = 0``), ``success`` whether the sample broke at all
+(``min_eps <= eps_max``), ``queries`` every forward pass of the attacked system (APGD's
+and the judging ones). ``info``:
+
+* ``min_eps``: per sample, the smallest budget with a recorded success (the returned
+  image's perturbation), ``inf`` if none up to ``eps_max``;
+* ``failed_eps``: per sample, the largest budget below ``min_eps`` at which the search
+  recorded a failure (``eps_max`` for unbroken samples, 0 if none);
+* ``converged``: per sample, ``failed_eps >= (1 - rel_tol) * min_eps`` was reached within
+  ``search_steps`` (unbroken samples and ``min_eps = 0`` count as converged);
+* ``search``: per sample, the list of ``(eps, success)`` budgets tried, in order (budget
+  0 first, then ``eps_max``);
+* ``grad_mode``, ``eight_bit`` (whether the sources were on the 8-bit grid).
+
+The search assumes success is monotone in eps, which a stochastic attack only
+approximately is; a success below a recorded failure simply moves ``hi`` down (the
+smallest success wins) and ``lo`` becomes the largest failure below it.
+:func:`budget_curve` turns the minimal budgets into the success rate at any budget (the
+security curve) and :func:`median_budget` gives their median with a distribution-free
+interval. Every random number comes from generators of ``task.seed`` (deterministic).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import metrics
+from ..data import quantize
+from ..errors import BenchError
+from .apgd import APGD, checkpoints
+from .base import (Attack, AttackResult, AttackTask, is_random, make_generator, on_8bit_grid,
+                   perturbation_norms, quantize_within_budget)
+
+
+def project_per_sample(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: torch.Tensor) -> torch.Tensor:
+    """:func:`.apgd.project` with one budget per image (``eps``: shape (N,), float64)."""
+    delta = x_adv - x
+    if norm == "Linf":
+        bound = eps.to(delta.dtype).view(-1, 1, 1, 1)
+        return (x + delta.clamp(-bound, bound)).clamp(0, 1)
+    eps4 = eps.view(-1, 1, 1, 1)
+    norms = delta.double().flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    delta = delta * torch.clamp(eps4 / norms.clamp_min(1e-12), max=1.0).to(delta.dtype)
+    adv = (x + delta).clamp(0, 1)
+    # Float rounding can leave an image a hair outside its ball: pull it back (fit_l2_ball).
+    delta = adv - x
+    actual = delta.double().flatten(1).norm(dim=1)
+    over = actual > eps
+    if not over.any():
+        return adv
+    scale = torch.where(over, eps / actual * (1 - 1e-6), torch.ones_like(actual)).to(adv.dtype)
+    return (x + delta * scale.view(-1, 1, 1, 1)).clamp(0, 1)
+
+
+def _direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "Linf":
+        return grad.sign()
+    return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
+class PerSampleAPGD(APGD):
+    """APGD with one budget per image and an optional start point (the search's inner attack).
+
+    Run as an attack (:meth:`run`) it is APGD at the uniform budget ``eps`` with the same
+    random streams, and gives APGD's images (tests/test_min_eps.py checks this).
+    """
+
+    def descend(self, task: AttackTask, eps: torch.Tensor, start: torch.Tensor | None,
+                defense_gen: torch.Generator, init_gen: torch.Generator, grad_mode: str, draws: int):
+        """APGD's iterations (Algorithm 1 of Croce & Hein 2020, as in :mod:`.apgd`) with
+        budget ``eps[i]`` for image ``i``, from ``start`` projected into the balls (None: a
+        random point of each ball's surface). Returns the best iterates, their objective,
+        the queries per image and which images saw an identically zero gradient."""
+        x = task.sources
+        n, norm = x.shape[0], self.norm
+        eps = eps.to(device=x.device, dtype=torch.float64)
+        eps4 = eps.to(x.dtype).view(-1, 1, 1, 1)
+        if start is None:
+            t = (torch.rand(x.shape, generator=init_gen, dtype=torch.float64) * 2 - 1).to(x)
+            size = t.flatten(1).abs().amax(dim=1) if norm == "Linf" else t.flatten(1).norm(dim=1)
+            x_adv = (x + eps4 * t / size.clamp_min(1e-12).view(-1, 1, 1, 1)).clamp(0, 1)
+        else:
+            x_adv = project_per_sample(start.to(x), x, norm, eps)
+
+        loss, grad, used = self._loss_and_grad(task, x_adv, defense_gen, grad_mode, draws)
+        queries = used
+        zero_grad = grad.flatten(1).abs().amax(dim=1) == 0
+        x_best, loss_best, grad_best = x_adv.clone(), loss.clone(), grad.clone()
+        step = (2.0 * eps).to(x.dtype).view(-1, 1, 1, 1).clone()
+        marks = set(checkpoints(self.steps))
+        last_mark = 0
+        increases = torch.zeros(n, device=x.device)
+        reduced_last = torch.zeros(n, dtype=torch.bool, device=x.device)
+        best_last = loss_best.clone()
+        x_prev, loss_prev = x_adv.clone(), loss.clone()
+        for k in range(self.steps):
+            with torch.no_grad():
+                a = self.momentum if k > 0 else 1.0
+                z = project_per_sample(x_adv + step * _direction(grad, norm), x, norm, eps)
+                x_new = project_per_sample(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x, norm, eps)
+                x_prev, x_adv = x_adv, x_new
+            loss, grad, used = self._loss_and_grad(task, x_adv, defense_gen, grad_mode, draws)
+            queries += used
+            zero_grad |= grad.flatten(1).abs().amax(dim=1) == 0
+            with torch.no_grad():
+                increases += (loss > loss_prev).float()
+                loss_prev = loss
+                better = loss > loss_best
+                x_best[better], loss_best[better], grad_best[better] = x_adv[better], loss[better], grad[better]
+                if k + 1 in marks:
+                    span = k + 1 - last_mark
+                    reduce = (increases < self.rho * span) | (~reduced_last & (best_last >= loss_best))
+                    step[reduce] /= 2
+                    x_adv[reduce], grad[reduce] = x_best[reduce], grad_best[reduce]
+                    x_prev[reduce] = x_best[reduce]
+                    reduced_last, best_last = reduce, loss_best.clone()
+                    increases.zero_()
+                    last_mark = k + 1
+        return x_best.detach(), loss_best.detach(), queries, zero_grad
+
+    def _run(self, task: AttackTask) -> AttackResult:
+        x = task.sources
+        grad_mode = self.resolve_grad_mode(task)
+        random = task.defense is not None and (task.defense.stochastic or is_random(task.defense, x[:2], task.seed))
+        eps = torch.full((x.shape[0],), self.eps, dtype=torch.float64)
+        adv, loss, queries, zero_grad = self.descend(
+            task, eps, None, make_generator(task.seed, self.name, "defense"),
+            make_generator(task.seed, self.name, "init"), grad_mode, self.eot_iter if random else 1)
+        return AttackResult(adversarial=adv, success=self.succeeded(loss).cpu(),
+                            queries=torch.full((x.shape[0],), queries, dtype=torch.long),
+                            flags={"zero_gradients": bool(zero_grad.any())},
+                            info={"objective": loss.cpu(), "grad_mode": grad_mode})
+
+
+class MinEps(Attack):
+    """Each sample's smallest budget at which APGD breaks it (bisection over eps, warm starts)."""
+
+    registered_name = "min-eps"
+    uses_gradients = True
+
+    def __init__(self, norm: str = "Linf", eps: float | None = None, steps: int = 40, eot_iter: int = 1,
+                 grad_mode: str | None = None, goal: str = "impersonation", search_steps: int = 8,
+                 rel_tol: float = 0.1):
+        super().__init__(norm=norm, eps=eps, goal=goal, eot_iter=eot_iter)
+        if int(search_steps) != search_steps or search_steps < 0:
+            raise BenchError(f"{self.name}: search_steps must be a non-negative integer, got {search_steps}")
+        if not 0 < float(rel_tol) < 1:
+            raise BenchError(f"{self.name}: rel_tol must lie in (0, 1), got {rel_tol}")
+        self.inner = PerSampleAPGD(norm=norm, eps=self.eps, steps=steps, eot_iter=eot_iter,
+                                   grad_mode=grad_mode, goal=goal)
+        self.steps, self.grad_mode = self.inner.steps, self.inner.grad_mode
+        self.search_steps, self.rel_tol = int(search_steps), float(rel_tol)
+
+    def config(self):
+        return {**super().config(), "steps": self.steps, "grad_mode": self.grad_mode,
+                "search_steps": self.search_steps, "rel_tol": self.rel_tol}
+
+    def _subtask(self, task: AttackTask, idx: torch.Tensor) -> AttackTask:
+        return AttackTask(task.model, task.sources[idx], task.references[idx], task.defense, task.seed,
+                          task.threshold)
+
+    @torch.no_grad()
+    def _judge(self, task: AttackTask, images: torch.Tensor, generator: torch.Generator,
+               draws: int) -> torch.Tensor:
+        """Success of submitting ``images`` (row i for sample i of ``task``): the goal-signed
+        margin of their 8-bit rounding (what the harness scores) averaged over ``draws``
+        draws of the defense's randomness."""
+        n = images.shape[0]
+        obj = self.objective_draws(task, quantize(images).repeat(draws, 1, 1, 1), generator, "none", draws)
+        return self.succeeded(obj.view(draws, n).mean(dim=0)).cpu()
+
+    def _candidates(self, adv: torch.Tensor, src: torch.Tensor, eps: torch.Tensor, eight_bit: bool) -> torch.Tensor:
+        """The images returned for a budget: on 8-bit sources rounded to the grid inside each
+        image's own budget (as :meth:`Attack.run` rounds outputs), else as found."""
+        if not eight_bit:
+            return adv
+        return torch.cat([quantize_within_budget(adv[i:i + 1], src[i:i + 1], self.norm, float(eps[i]))
+                          for i in range(adv.shape[0])])
+
+    def _run(self, task: AttackTask) -> AttackResult:
+        x = task.sources
+        n = x.shape[0]
+        inner = self.inner
+        inner.batched_eot, inner.draws_per_call = self.batched_eot, self.draws_per_call
+        grad_mode = inner.resolve_grad_mode(task)
+        random = task.defense is not None and (task.defense.stochastic or is_random(task.defense, x[:2], task.seed))
+        draws = self.eot_iter if random else 1
+        eight_bit = on_8bit_grid(x)
+        target = 1 - self.rel_tol
+
+        adv = x.clone()
+        queries = torch.zeros(n, dtype=torch.long)
+        search: list[list[tuple[float, bool]]] = [[] for _ in range(n)]
+        hi = [math.inf] * n  # smallest budget with a recorded success
+        zero_grad = False
+
+        def lower(i: int) -> float:
+            """The largest recorded failure below sample i's smallest success (-1: none)."""
+            return max((e for e, ok in search[i] if not ok and e < hi[i]), default=-1.0)
+
+        # Budget 0: the sources as they are.
+        ok = self._judge(task, x, make_generator(task.seed, self.name, "judge", 0), draws)
+        queries += draws
+        for i in range(n):
+            search[i].append((0.0, bool(ok[i])))
+            if ok[i]:
+                hi[i] = 0.0
+
+        for rnd in self.iterations(self.search_steps + 1, "budget"):
+            if rnd == 0:  # eps_max, from APGD's random start
+                active = [i for i in range(n) if hi[i] > 0]
+                budgets = [self.eps] * len(active)
+            else:
+                active = [i for i in range(n) if 0 < hi[i] < math.inf and lower(i) < target * hi[i]]
+                budgets = [hi[i] / 2 if lower(i) <= 0 else math.sqrt(lower(i) * hi[i]) for i in active]
+            if not active:
+                break
+            idx = torch.tensor(active, dtype=torch.long)
+            sub = self._subtask(task, idx.to(x.device))
+            eps = torch.tensor(budgets, dtype=torch.float64)
+            found, _, used, zeros = inner.descend(
+                sub, eps, None if rnd == 0 else adv[idx.to(x.device)],
+                make_generator(task.seed, self.name, "defense", rnd),
+                make_generator(task.seed, self.name, "init", rnd), grad_mode, draws)
+            zero_grad |= bool(zeros.any())
+            submitted = self._candidates(found, sub.sources, eps, eight_bit)
+            ok = self._judge(sub, submitted, make_generator(task.seed, self.name, "judge", rnd + 1), draws)
+            sizes = perturbation_norms(submitted.double(), sub.sources.double(), self.norm).cpu()
+            queries[idx] += used + draws
+            for j, i in enumerate(active):
+                search[i].append((budgets[j], bool(ok[j])))
+                if ok[j] and float(sizes[j]) < hi[i]:
+                    # It succeeded inside the ball of its actual size: a success at that budget.
+                    hi[i] = min(float(sizes[j]), budgets[j])
+                    adv[i] = submitted[j]
+
+        min_eps = hi
+        failed_eps = [self.eps if math.isinf(h) else max(lower(i), 0.0) for i, h in enumerate(hi)]
+        converged = [math.isinf(h) or h == 0 or failed_eps[i] >= target * h for i, h in enumerate(hi)]
+        return AttackResult(
+            adversarial=adv,
+            success=torch.tensor([not math.isinf(h) for h in hi]),
+            queries=queries,
+            flags={"zero_gradients": zero_grad},
+            info={"min_eps": min_eps, "failed_eps": failed_eps, "converged": converged, "search": search,
+                  "grad_mode": grad_mode, "eight_bit": eight_bit},
+        )
+
+
+def budget_curve(min_eps, budgets) -> list[metrics.Rate]:
+    """The success rate at each budget ``e`` implied by per-sample minimal budgets: the
+    fraction of samples with ``min_eps <= e`` (the empirical security curve)."""
+    values = [float(v) for v in min_eps]
+    return [metrics.Rate(sum(v <= float(e) for v in values), len(values)) for e in budgets]
+
+
+def median_budget(min_eps, level: float = 0.95) -> tuple[float, float, float]:
+    """Median of the per-sample minimal budgets (``inf`` for unbroken samples counts as the
+    largest) and a distribution-free ``level`` interval for it from order statistics
+    (binomial(n, 1/2) ranks); bounds are 0 / ``inf`` where ``n`` is too small to reach the level."""
+    values = sorted(float(v) for v in min_eps)
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    median = values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+    # Largest k with P(Bin(n, 1/2) < k) <= (1 - level) / 2: [x_(k), x_(n+1-k)] (1-based) covers the median.
+    alpha, cdf, k = (1 - level) / 2, 0.0, 0
+    while k < n and cdf + math.comb(n, k) / 2 ** n <= alpha:
+        cdf += math.comb(n, k) / 2 ** n
+        k += 1
+    if k == 0:
+        return median, 0.0, math.inf
+    return median, values[k - 1], values[n - k]
