@@ -220,6 +220,51 @@ def test_cuda_graphs_on_cpu_fall_back_with_one_line(caplog):
     assert "CUDA graphs need a CUDA device (images on cpu); running the DDRM steps eagerly" in lines[0].getMessage()
 
 
+class EagerGraph:
+    """Stands in for CudaGraphRun on the CPU: same constructor and call, runs eagerly;
+    checks the plumbing around the graph (noise drawn outside, one graph per shape)."""
+
+    built = []
+
+    def __init__(self, run, y, noise, warm_up, pool=None):
+        warm_up(y.clone())
+        self.run = run
+        EagerGraph.built.append(tuple(y.shape))
+
+    def __call__(self, y, noise):
+        return self.run(y.clone(), noise.clone())
+
+
+def test_graph_path_plumbing_on_cpu(monkeypatch):
+    monkeypatch.setattr(diffusion, "CudaGraphRun", EagerGraph)
+    monkeypatch.setattr(diffusion.torch.cuda, "graph_pool_handle", lambda: None)
+    EagerGraph.built = []
+    x = images(3)
+    ref = IWMFDiff(config="tiny", pretrained=False, timesteps=3, batch_size=2).purify(x, torch.Generator().manual_seed(1))
+    d = IWMFDiff(config="tiny", pretrained=False, timesteps=3, batch_size=2)
+    monkeypatch.setattr(d, "_graphs_on", lambda kind, warn=True: True)
+    for _ in range(2):  # first call builds one graph per chunk shape, the second reuses them
+        assert torch.equal(d.purify(x, torch.Generator().manual_seed(1)), ref)
+    assert EagerGraph.built == [(2, 3, 32, 32), (1, 3, 32, 32)]
+
+
+def test_graph_capture_failure_falls_back_with_one_line(monkeypatch, caplog):
+    def failing(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(diffusion, "CudaGraphRun", failing)
+    monkeypatch.setattr(diffusion.torch.cuda, "graph_pool_handle", lambda: None)
+    x = images(2)
+    ref = IWMFDiff(config="tiny", pretrained=False, timesteps=3).purify(x, torch.Generator().manual_seed(1))
+    d = IWMFDiff(config="tiny", pretrained=False, timesteps=3)
+    monkeypatch.setattr(d, "_graphs_on", lambda kind, warn=True: not d._graphs_failed)
+    with caplog.at_level(logging.WARNING, logger=diffusion.__name__):
+        for _ in range(2):
+            assert torch.equal(d.purify(x, torch.Generator().manual_seed(1)), ref)
+    lines = fallback_lines(caplog)
+    assert len(lines) == 1 and "CUDA graph capture failed (RuntimeError: operation not permitted" in lines[0].getMessage()
+
+
 def test_noise_drawn_outside_the_step_loop_gives_the_same_run():
     """What the CUDA graph relies on: ddrm_denoise(noise=draw_noise(...)) takes exactly the
     generator's draws ddrm_denoise(generator) takes."""
