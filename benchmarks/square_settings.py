@@ -2,7 +2,8 @@
 
     python benchmarks/square_settings.py [--pairs 20] [--queries 1000] [--eps 0.03]
                                          [--lambda-0 0.25] [--s 3] [--draws 10]
-                                         [--adaptive] [--adaptive-eot 2]
+                                         [--blocks transfer adaptive] [--adaptive-eot 2]
+                                         [--settings ours p-init no-stop paper]
 
 Our Square (``iwmf_bench.attacks.square``) at four settings, on dlib-resnet with the
 shared pairs aligned as the harness aligns them (source ``i`` impersonates target ``i``):
@@ -15,8 +16,8 @@ shared pairs aligned as the harness aligns them (source ``i`` impersonates targe
 
 Transfer block (the suites' ``square-linf-transfer``): each setting crafts on the
 undefended model once; the same images are scored undefended and through IWMF
-(``--lambda-0``, ``--s``) on ``--draws`` fresh purifications each. With ``--adaptive`` a
-second block runs each setting with IWMF in the loop (each loss estimate averaged over
+(``--lambda-0``, ``--s``) on ``--draws`` fresh purifications each. The adaptive block
+(``--blocks adaptive``, or both) runs each setting with IWMF in the loop (each loss estimate averaged over
 ``--adaptive-eot`` draws, as ``square-linf-adaptive`` does) and scores through IWMF the
 same way. Columns: FAR single-shot of the saved 8-bit images with its 95% Wilson
 interval (per image over the draws; see ``metrics.Rate``), worst-of-N through IWMF,
@@ -51,12 +52,12 @@ except ImportError:  # pragma: no cover - before the pipeline package: the harne
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "iwmfdiff-imgs"
 
-#: label -> Square keywords (besides norm, eps, queries).
+#: name -> (row label, Square keywords besides norm, eps, queries).
 SETTINGS = {
-    "p_init 0.05, stop on success (ours today)": {"p_init": 0.05, "stop_on_success": True},
-    "p_init 0.8 only": {"p_init": 0.8, "stop_on_success": True},
-    "no stop only (p_init 0.05)": {"p_init": 0.05, "stop_on_success": False},
-    "p_init 0.8 + no stop (paper's)": {"p_init": 0.8, "stop_on_success": False},
+    "ours": ("p_init 0.05, stop on success (ours today)", {"p_init": 0.05, "stop_on_success": True}),
+    "p-init": ("p_init 0.8 only", {"p_init": 0.8, "stop_on_success": True}),
+    "no-stop": ("no stop only (p_init 0.05)", {"p_init": 0.05, "stop_on_success": False}),
+    "paper": ("p_init 0.8 + no stop (paper's)", {"p_init": 0.8, "stop_on_success": False}),
 }
 
 
@@ -86,8 +87,12 @@ def main() -> None:
     ap.add_argument("--lambda-0", type=float, default=0.25)
     ap.add_argument("--s", type=int, default=3)
     ap.add_argument("--draws", type=int, default=10)
-    ap.add_argument("--adaptive", action="store_true", help="also run each setting with IWMF in the loop")
+    ap.add_argument("--blocks", nargs="+", choices=["transfer", "adaptive"], default=["transfer"],
+                    help="transfer: crafted on the undefended model; adaptive: with IWMF in the loop")
     ap.add_argument("--adaptive-eot", type=int, default=2)
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                    help="which settings to run (default: all four); each is seeded alike, so a "
+                    "setting run alone gives its row of the full run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sources", default=str(SHARED / "source"))
     ap.add_argument("--targets", default=str(SHARED / "target"))
@@ -102,14 +107,17 @@ def main() -> None:
     clean = scored_row("clean (no attack)", model, x, refs, iwmf, args.seed, args.draws, 0, 0)
     headers = ["Square setting", "FAR undefended", f"FAR through IWMF {args.lambda_0} (s {args.s})",
                "worst-of-N through IWMF", "median distance (IWMF)", "queries/img", "seconds"]
-    blocks = [("transfer: crafted on the undefended model", None, 1)]
-    if args.adaptive:
+    blocks = []
+    if "transfer" in args.blocks:
+        blocks.append(("transfer: crafted on the undefended model", None, 1))
+    if "adaptive" in args.blocks:
         blocks.append((f"adaptive: IWMF in the loop, EOT {args.adaptive_eot}", iwmf, args.adaptive_eot))
     rows = [clean]
     print(" | ".join(clean), flush=True)
     for title, in_loop, eot in blocks:
         rows.append([title, "", "", "", "", "", ""])
-        for label, options in SETTINGS.items():
+        for name in args.settings:
+            label, options = SETTINGS[name]
             attack = Square(norm="Linf", eps=args.eps, queries=args.queries, eot_iter=eot, **options)
             start = time.perf_counter()
             result = attack.run(AttackTask(model, x, refs, defense=in_loop, seed=args.seed))

@@ -50,7 +50,7 @@ def test_benchmark_compares_the_four_combinations():
     spec = importlib.util.spec_from_file_location("square_settings", ROOT / "benchmarks" / "square_settings.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    grid = {(o["p_init"], o["stop_on_success"]) for o in module.SETTINGS.values()}
+    grid = {(o["p_init"], o["stop_on_success"]) for _, o in module.SETTINGS.values()}
     assert grid == {(0.05, True), (0.8, True), (0.05, False), (0.8, False)}
-    for options in module.SETTINGS.values():  # each is a valid Square
+    for _, options in module.SETTINGS.values():  # each is a valid Square
         Square(eps=0.03, queries=10, **options)
