@@ -28,7 +28,7 @@ def purify_with_grad(defense, x, seed=1):
     """Output and exact-mode gradient of a fixed linear functional of it."""
     xr = x.clone().requires_grad_(True)
     out = defense.purify(xr, torch.Generator().manual_seed(seed), grad_mode="exact")
-    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)).sum().backward()
     return out.detach(), xr.grad
 
 
