@@ -13,7 +13,7 @@ import torch
 
 from iwmf_bench import metrics
 from iwmf_bench.align import crop_transform, detect_faces, get_spec, warp_affine
-from iwmf_bench.pipeline.build import model_named
+from iwmf_bench.pipeline.build import clear_model_cache, model_named
 from iwmf_bench.pipeline.folder_pairs import folder_pairs, folder_photos
 from iwmf_bench.pipeline.photo_space import AlignedDefense, AlignedModel, PhotoAlignment
 from iwmf_bench.data import load_folder, quantize
@@ -204,7 +204,7 @@ def test_missing_surrogate_weights_are_predicted_and_skipped(shared_imgs, tmp_pa
                                "surrogate: faceres, norm: Linf, eps: 0.03, steps: 5"))
     suite = load_suite(config)
     monkeypatch.setenv("IWMF_BENCH_HOME", str(tmp_path / "empty-home"))  # no faceres weights here
-    _model.cache_clear()  # a faceres built by an earlier test must not answer for this home
+    clear_model_cache()  # a faceres built by an earlier test must not answer for this home
     try:
         predicted = {c.name for c in suite.cells() if c.key in predict_skips(suite.cells())}
         assert predicted == {"dlib-resnet/none/from-dlib", "dlib-resnet/iwmf/from-dlib"}  # crafted on faceres
@@ -212,7 +212,7 @@ def test_missing_surrogate_weights_are_predicted_and_skipped(shared_imgs, tmp_pa
         record = run_cell(cell, None)
         assert record["status"] == "skipped" and "iwmf-bench fetch faceres" in record["reason"]
     finally:
-        _model.cache_clear()
+        clear_model_cache()
 
 
 @pytest.mark.slow
@@ -227,7 +227,7 @@ def test_sanity_notes_compare_cross_model_cells_only_with_the_same_surrogate(tin
     def square(surrogate):
         r = json.loads(json.dumps(apgd))
         r["cell"]["threat"] = "square"
-        opts = {"attack": "square", "setting": "transfer", "norm": "Linf"}
+        opts = {"attack": "square", "setting": "transfer", "norm": "Linf", "eps": apgd["cell"]["threat_options"]["eps"]}
         r["cell"]["threat_options"] = {**opts, "surrogate": surrogate} if surrogate else opts
         r["metrics"]["far"] = {**far, "k": far["k"] + 1, "value": (far["k"] + 1) / far["n"]}
         return r

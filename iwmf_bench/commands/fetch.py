@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import weights
+from .. import registry, weights
 from ..errors import BenchError
 
 
@@ -19,9 +19,7 @@ def register(sub):
 
 
 def _ensure_registered() -> None:
-    # Model modules register their checkpoints on import; importing the registry loads them.
-    from .. import registry
-
+    # Model modules register their checkpoints on import; listing the registry loads them.
     for kind in ("models", "defenses"):
         registry.available(kind)
 

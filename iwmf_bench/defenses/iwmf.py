@@ -222,7 +222,7 @@ class _Windows:
     def apply(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
         """``A x`` (or ``A^T x`` when ``reverse``) without autograd; ``x`` is untouched."""
         if self.kernel == "triton":
-            from . import iwmf_triton
+            from . import iwmf_triton  # deferred: Triton is optional and slow to import
 
             if self._tl_device is None:
                 self._tl_device = torch.from_numpy(self.tl).to(self.device)
@@ -257,7 +257,7 @@ def _default_kernel(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cpu" and dtype in (torch.float32, torch.float64):
         return "numba"
     if device.type == "cuda":
-        from . import iwmf_triton
+        from . import iwmf_triton  # deferred: Triton is optional and slow to import
 
         if iwmf_triton.available():
             return "triton"

@@ -28,6 +28,11 @@ def model_named(name: str, options: dict, device: str):
     return _cached_model(name, json.dumps(factory_options(options), sort_keys=True), device)
 
 
+def clear_model_cache() -> None:
+    """Forget the models built so far (their weights may have changed on disk)."""
+    _cached_model.cache_clear()
+
+
 def build_model(cell: Cell):
     return model_named(cell.model, cell.model_options, cell.device)
 
