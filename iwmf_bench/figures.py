@@ -152,4 +152,42 @@ def security_curves(suite: Suite, records: list[dict], imgs: str | Path) -> dict
             fig.savefig(path, dpi=110)
             plt.close(fig)
             out.setdefault(model, []).append(path)
+        for threat, opts in suite.threat_models.items():
+            if opts.get("attack") == "min-eps":
+                path = minimal_budget_curve(suite, model, threat, ok, imgs)
+                if path is not None:
+                    out.setdefault(model, []).append(path)
     return out
+
+
+def minimal_budget_curve(suite: Suite, model: str, threat: str, ok: dict, imgs: str | Path) -> Path | None:
+    """The empirical security curve of a minimal-budget threat: per defense, the fraction
+    of pairs whose smallest breaking budget is at most eps (a step function)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = {d: ok[(model, d, threat)]["metrics"]["min_eps"] for d in suite.defenses if (model, d, threat) in ok}
+    if not per:
+        return None
+    opts = suite.threat_models[threat]
+    eps_max = float(opts.get("eps", 0.03))
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for d, b in per.items():
+        values = sorted(v for v in b["values"] if v is not None)
+        n = len(b["values"])
+        xs = [0.0] + values + [eps_max]
+        ys = [0.0] + [100 * (i + 1) / n for i in range(len(values))] + [100 * len(values) / n]
+        ax.step(xs, ys, where="post", label=d)
+    ax.set_xlabel(f"budget eps ({opts.get('norm', 'Linf')})")
+    ax.set_ylabel("pairs broken at budget <= eps, %")
+    ax.set_ylim(-2, 102)
+    ax.set_title(f"{model}: {threat}, minimal budgets ({suite.name} suite)", fontsize=9)
+    ax.legend(fontsize=6, ncols=2)
+    fig.tight_layout()
+    path = Path(imgs) / f"{suite.name}_mineps_{model}_{threat}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -86,6 +86,7 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
             raw.append(raw_row)
         notes = [f"{reason.split(': ', 1)[0]} ({', '.join(where)}): {reason.split(': ', 1)[1]}"
                  for reason, where in reasons.items()]
+        notes += minimal_budget_notes([by[k] for k in by if k[0] == m])
         notes += sanity_notes([by[k] for k in by if k[0] == m])
         notes += dataset_notes([by[k] for k in by if k[0] == m])  # threshold source, clean ROC (datasets)
         # The Markdown table shows one budget of each sweep; CSV and JSON keep them all.
@@ -93,6 +94,22 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
         out[m] = {"headers": headers, "rows": rows, "raw": raw, "notes": notes,
                   "md_headers": [headers[i] for i in shown], "md_rows": [[row[i] for i in shown] for row in rows]}
     return out
+
+
+def minimal_budget_notes(records: list[dict]) -> list[str]:
+    """Minimal-budget threats (``min-eps``): each defense's median smallest breaking budget."""
+    notes = []
+    for r in records:
+        m = r.get("metrics") or {}
+        if r["status"] != "ok" or "min_eps" not in m:
+            continue
+        b = m["min_eps"]
+        fmt = lambda v: "inf" if v is None else f"{v:.4g}"  # noqa: E731  (None: not broken within eps)
+        notes.append(f"minimal budget ({r['cell']['defense']}/{r['cell']['threat']}, "
+                     f"{r['cell']['threat_options'].get('norm', 'Linf')}): median {fmt(b['median'])} "
+                     f"[{fmt(b['ci95'][0])}, {fmt(b['ci95'][1])}], broken within eps "
+                     f"{r['cell']['threat_options'].get('eps')}: {b['broken']['k']}/{b['broken']['n']}")
+    return notes
 
 
 def sanity_notes(records: list[dict]) -> list[str]:

@@ -96,21 +96,6 @@ class Rate:
         return f"{100 * self.value:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] ({self.k}/{self.n})"
 
 
-def median_interval(values: Sequence[float], z: float = 1.959963984540054) -> dict:
-    """The sample median of ``values`` (``inf`` allowed: a pair never broken) with a
-    distribution-free 95% interval from order statistics: the ranks
-    ``n/2 -+ z*sqrt(n)/2`` of the sorted values (the binomial(n, 1/2) normal
-    approximation; it needs no assumption about the distribution)."""
-    xs = sorted(float(v) for v in values)
-    n = len(xs)
-    if n == 0:
-        return {"median": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
-    median = xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
-    half = z * math.sqrt(n) / 2
-    lo, hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
-    return {"median": median, "ci95": [xs[lo], xs[hi]], "n": n}
-
-
 def far_frr(score_matrix: torch.Tensor, labels_a: Sequence[int], labels_b: Sequence[int],
             threshold: float, metric: str, exclude_self: bool = False,
             exclude_diagonal: bool = False) -> dict[str, Rate]:

@@ -68,7 +68,10 @@ def run_attack(cell: Cell, model, probes: torch.Tensor, references: torch.Tensor
     """Run the cell's attack (``defense=None``: on the undefended model); images and facts."""
     start = time.perf_counter()
     result = build_attack(cell).run(AttackTask(model, probes, references, defense, cell.seed))
+    # Exact gradients through diffusion: whether the last call kept or checkpointed its steps.
+    policy = getattr(getattr(defense, "defense", defense), "last_memory_info", None)
     return result.adversarial, {
+        **({"memory_policy": dict(policy)} if policy else {}),
         "attack_seconds_per_image": (time.perf_counter() - start) / probes.shape[0],
         "flags": {k: bool(v) for k, v in result.flags.items()},
         "attack_success": result.success_rate.to_dict(),
@@ -76,7 +79,7 @@ def run_attack(cell: Cell, model, probes: torch.Tensor, references: torch.Tensor
         # facts a reader needs (library RNG use, EOT cut to one draw, ...), as the attack states them
         "attack_notes": {k: v for k, v in result.info.items() if k in ("rng", "eot_note", "library", "projected")},
         # minimal-budget attacks (min-eps): each pair's smallest breaking budget, for the score stage
-        **{k: result.info[k] for k in ("min_eps", "failed_eps") if k in result.info}}
+        **{k: result.info[k] for k in ("min_eps", "failed_eps", "converged") if k in result.info}}
 
 
 def cached(path: Path | None, make) -> tuple[torch.Tensor, dict]:

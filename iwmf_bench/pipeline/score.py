@@ -23,6 +23,7 @@ import torch
 from .. import metrics, roc
 from ..attacks.adaptive import evaluate
 from ..attacks.base import make_generator
+from ..attacks.min_eps import median_budget
 from ..data import quantize
 from ..util import batched
 from .cell import Cell
@@ -104,12 +105,15 @@ def score(cell: Cell, model, defense, pairs: Pairs, gen: Genuine, crafted: Craft
         "threshold": model.threshold,
         "metric": model.metric,
         "pairs": crafted.adversarial.shape[0],
+        # fast paths a defense chose for this device (diffusion: dtype, compile, CUDA graphs)
+        **({"defense_speed_options": defense.speed_options(cell.device)} if hasattr(defense, "speed_options") else {}),
         **crafted.info,
     }
     if goal == "dodging":
         out["goal"] = goal
     if "min_eps" in crafted.info:  # a minimal-budget attack: the per-pair budgets, summarized
-        out["min_eps"] = {**minimal_budgets(crafted.info["min_eps"]), "failed_eps": out.pop("failed_eps", None)}
+        out["min_eps"] = {**minimal_budgets(crafted.info["min_eps"]), "failed_eps": out.pop("failed_eps", None),
+                          "converged": out.pop("converged", None)}
     if pairs.listed_genuine:  # dataset sources: listed genuine pairs, attacker references, clean ROC
         out.update(listed_pair_metrics(cell, model, defense, pairs, purified_adv))
     else:
@@ -123,12 +127,14 @@ def score(cell: Cell, model, defense, pairs: Pairs, gen: Genuine, crafted: Craft
 
 def minimal_budgets(values: list[float]) -> dict:
     """Each pair's smallest breaking budget (``None``: not broken within the attack's
-    ``eps``), their median with a distribution-free 95% interval, and the broken rate."""
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    summary = metrics.median_interval([v if v is not None and math.isfinite(v) else math.inf for v in values])
-    clean = lambda v: v if math.isfinite(v) else None  # noqa: E731  (JSON has no infinity)
-    return {"values": [clean(float(v)) if v is not None else None for v in values], "median": clean(summary["median"]),
-            "ci95": [clean(v) for v in summary["ci95"]], "broken": metrics.Rate(len(finite), len(values)).to_dict()}
+    ``eps``; JSON has no infinity), their median with a distribution-free 95% interval
+    (``None`` where it is unbounded), and the broken rate."""
+    values = [float("inf") if v is None else float(v) for v in values]
+    median, lo, hi = median_budget(values)
+    clean = lambda v: v if math.isfinite(v) else None  # noqa: E731
+    broken = metrics.Rate(sum(math.isfinite(v) for v in values), len(values))
+    return {"values": [clean(v) for v in values], "median": clean(median), "ci95": [clean(lo), clean(hi)],
+            "broken": broken.to_dict()}
 
 
 @torch.no_grad()
