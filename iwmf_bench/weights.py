@@ -180,7 +180,8 @@ def resolve(name: str, weights: str | os.PathLike | None = None) -> Path:
     path = cache_path(name)
     if not path.is_file():
         raise WeightsError(
-            f"weights for {name!r} are not in the cache ({path}); download them with "
+            # No machine path here: this reason is written into leaderboards (`fetch --list` shows the cache).
+            f"weights for {name!r} are not in the cache (file {path.name}); download them with "
             f"`iwmf-bench fetch {name}` (from {source(ckpt)}) or pass a local file with --weights PATH (weights=PATH in Python)")
     verify(ckpt, path)
     return path
