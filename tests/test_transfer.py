@@ -236,3 +236,18 @@ def test_sanity_notes_compare_cross_model_cells_only_with_the_same_surrogate(tin
     assert len(beats) == 1 and "square" in beats[0] and "from-dlib" in beats[0]
     # Square on the model itself vs APGD crafted on a surrogate: another question, no note.
     assert not [n for n in sanity_notes([apgd, square(None)]) if "beats white-box" in n]
+
+
+def test_threats_lists_never_enter_surrogate_cells_keys(shared_imgs, tmp_path):
+    """A model or defense entry's `threats:` list only picks columns: editing it must not
+    change the key of a cell crafted on that entry as a surrogate (it once did)."""
+    text = SUITE.format(src=shared_imgs / "source", tgt=shared_imgs / "target")
+    keys = []
+    for models, iwmf in (("{dlib-resnet: {}}", "{defense: iwmf, lambda_0: 0.25}"),
+                         ("{dlib-resnet: {threats: [from-dlib, from-dlib-iwmf]}}",
+                          "{defense: iwmf, lambda_0: 0.25, threats: [from-dlib, from-dlib-iwmf]}")):
+        config = tmp_path / f"s{len(keys)}.yaml"
+        config.write_text(text.replace("models: {dlib-resnet: {}}", f"models: {models}")
+                          .replace("iwmf: {defense: iwmf, lambda_0: 0.25}", f"iwmf: {iwmf}"))
+        keys.append({c.name: c.key for c in load_suite(config).cells()})
+    assert keys[0] == keys[1] and len(keys[0]) == 4

@@ -63,13 +63,15 @@ def resolve_surrogate(path: Path, label: str, opts: dict, models: dict, defenses
             get_spec(model)
         except BenchError as exc:
             raise BenchError(f"{where}: {exc} (photos crafted on a surrogate are aligned for each model)") from None
-    opts["surrogate_options"] = dict(models.get(name, {}))
+    # The entry's `threats:` list only picks columns; in the options it would tie these
+    # cells' keys to the column lists of the suite.
+    opts["surrogate_options"] = {k: v for k, v in models.get(name, {}).items() if k != "threats"}
     if "surrogate_defense" in opts:
         d = opts["surrogate_defense"]
         if d not in defenses:
             raise BenchError(f"{where}.surrogate_defense: no defense labelled {d!r} in the suite "
                              f"(has: {', '.join(defenses)})")
-        opts["surrogate_defense_options"] = dict(defenses[d])
+        opts["surrogate_defense_options"] = {k: v for k, v in defenses[d].items() if k != "threats"}
 
 
 def surrogate_model(cell: Cell):
