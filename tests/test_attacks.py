@@ -211,8 +211,8 @@ def test_square_query_accounting(setup, norm):
     r = Square(norm=norm, queries=30).run(AttackTask(impossible, src, refs))
     assert torch.equal(r.queries, torch.full((4,), 30)) and not r.success.any()
     check_budget(r.adversarial, src, norm, r.info["config"]["eps"])
-    trivial = TinyFace(threshold=-1.5)  # accepted at the initial point: one query
-    r = Square(norm=norm, queries=30).run(AttackTask(trivial, src, refs))
+    trivial = TinyFace(threshold=-1.5)  # accepted at the initial point: one query when stopping on success
+    r = Square(norm=norm, queries=30, stop_on_success=True).run(AttackTask(trivial, src, refs))
     assert torch.equal(r.queries, torch.ones(4, dtype=torch.long)) and r.success.all()
     r = Square(norm=norm, queries=31, eot_iter=2).run(AttackTask(impossible, src, refs, defense=IWMF(0.1)))
     assert torch.equal(r.queries, torch.full((4,), 30))  # 15 loss estimates of 2 draws each

@@ -227,7 +227,8 @@ def test_sanity_notes_flag_raised_flags_and_blackbox_beating_whitebox(tiny_run):
     apgd = next(r for r in ok if r["name"] == "dlib-resnet/iwmf/apgd")
     square = json.loads(json.dumps(apgd))
     square["cell"]["threat"] = "square"
-    square["cell"]["threat_options"] = {"attack": "square", "setting": "transfer", "norm": "Linf"}
+    square["cell"]["threat_options"] = {"attack": "square", "setting": "transfer", "norm": "Linf",
+                                        "eps": apgd["cell"]["threat_options"]["eps"]}
     far = apgd["metrics"]["far"]
     square["metrics"]["far"] = {**far, "k": far["k"] + 1, "value": (far["k"] + 1) / far["n"]}
     square["metrics"]["flags"] = {"zero_gradients": False, "randomness_without_eot": True}

@@ -37,7 +37,7 @@ def test_without_stop_every_image_keeps_raising_its_margin():
     # it, the same start is pushed for the whole budget, and the margin only grows.
     easy = TinyFace(threshold=-1.5)
     src, refs = _pairs(easy)
-    stop = Square(eps=0.03, queries=60, p_init=0.8).run(AttackTask(easy, src, refs, seed=0))
+    stop = Square(eps=0.03, queries=60, p_init=0.8, stop_on_success=True).run(AttackTask(easy, src, refs, seed=0))
     deep = Square(eps=0.03, queries=60, p_init=0.8, stop_on_success=False).run(AttackTask(easy, src, refs, seed=0))
     assert torch.equal(stop.queries, torch.ones(4, dtype=torch.long))
     assert torch.equal(deep.queries, torch.full((4,), 60)) and deep.success.all()
