@@ -13,6 +13,18 @@ from .leaderboard import first_per_defense, success
 from .suite import Suite
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (110 dpi) and close a matplotlib figure; its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def far_plot(suite: Suite, records: list[dict], path: str | Path) -> Path | None:
     """Grouped bars: FAR (single-shot, with 95% intervals) per threat model and defense,
     one panel per model. Returns None when no cell finished."""
@@ -48,12 +60,7 @@ def far_plot(suite: Suite, records: list[dict], path: str | Path) -> Path | None
         ax.set_ylim(0, 105)
         ax.set_title(f"{model} ({suite.name} suite)", fontsize=10)
         ax.legend(fontsize=7, ncols=min(4, len(defenses)))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def example_grid(columns: dict[str, torch.Tensor], path: str | Path, rows: int = 4, pad: int = 4) -> Path:
@@ -105,12 +112,7 @@ def roc_plots(suite, records: list[dict], imgs) -> list:
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{model}: clean ROC per defense ({suite.name} suite)", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        path = Path(imgs) / f"{suite.name}_roc_{model}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, Path(imgs) / f"{suite.name}_roc_{model}.png"))
     return paths
 
 
@@ -146,12 +148,7 @@ def security_curves(suite: Suite, records: list[dict], imgs: str | Path) -> dict
             ax.set_ylim(-2, 102)
             ax.set_title(f"{model}: {threat} ({suite.name} suite)", fontsize=9)
             ax.legend(fontsize=6, ncols=2)
-            fig.tight_layout()
-            path = Path(imgs) / f"{suite.name}_curve_{model}_{threat}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            out.setdefault(model, []).append(path)
+            out.setdefault(model, []).append(save_figure(fig, Path(imgs) / f"{suite.name}_curve_{model}_{threat}.png"))
         for threat, opts in suite.threat_models.items():
             if opts.get("attack") == "min-eps":
                 path = minimal_budget_curve(suite, model, threat, ok, imgs)
@@ -185,9 +182,4 @@ def minimal_budget_curve(suite: Suite, model: str, threat: str, ok: dict, imgs: 
     ax.set_ylim(-2, 102)
     ax.set_title(f"{model}: {threat}, minimal budgets ({suite.name} suite)", fontsize=9)
     ax.legend(fontsize=6, ncols=2)
-    fig.tight_layout()
-    path = Path(imgs) / f"{suite.name}_mineps_{model}_{threat}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(imgs) / f"{suite.name}_mineps_{model}_{threat}.png")

@@ -35,6 +35,14 @@ def write_pairs(path, pairs, folds, n):
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_pairs36(path: Path) -> None:
+    """One fold of 36 pairs over the fixture's 4 people: 9 matched and 9 mismatched each."""
+    people = sorted(PEOPLE)
+    matched = [(0, p, i, p, i + 1) for p in people for i in range(1, 10)]
+    mismatched = [(0, p, i, people[(k + 1) % 4], i) for k, p in enumerate(people) for i in range(1, 10)]
+    write_pairs(path, matched + mismatched, 1, 36)
+
+
 def build_lfw(shared, root: Path) -> Path:
     """ROOT/Name/Name_NNNN.png: 4 people x 10 images from the shared folders."""
     for person, (folder, label) in PEOPLE.items():
@@ -220,10 +228,7 @@ def test_suite_on_lfw_with_calibrated_threshold_end_to_end(lfw_root, tmp_path, m
     from iwmf_bench.suite import load_suite
 
     monkeypatch.setenv("IWMF_BENCH_CACHE", str(tmp_path / "cache"))
-    people = sorted(PEOPLE)
-    matched = [(0, p, i, p, i + 1) for p in people for i in range(1, 10)]
-    mismatched = [(0, p, i, people[(k + 1) % 4], i) for k, p in enumerate(people) for i in range(1, 10)]
-    write_pairs(tmp_path / "pairs36.txt", matched + mismatched, 1, 36)
+    write_pairs36(tmp_path / "pairs36.txt")
     cfg = tmp_path / "lfw.yaml"
     cfg.write_text(SUITE.format(root=lfw_root, pairs=tmp_path / "pairs36.txt"))
     cells = load_suite(cfg).cells()
@@ -299,10 +304,7 @@ def orthogonal_run(lfw_root, tmp_path_factory):
     from iwmf_bench.suite import load_suite, validate
 
     tmp = tmp_path_factory.mktemp("orthogonal")
-    people = sorted(PEOPLE)
-    matched = [(0, p, i, p, i + 1) for p in people for i in range(1, 10)]
-    mismatched = [(0, p, i, people[(k + 1) % 4], i) for k, p in enumerate(people) for i in range(1, 10)]
-    write_pairs(tmp / "pairs36.txt", matched + mismatched, 1, 36)
+    write_pairs36(tmp / "pairs36.txt")
     cfg = tmp / "orthogonal.yaml"
     cfg.write_text(ORTHOGONAL.format(root=lfw_root, pairs=tmp / "pairs36.txt"))
     suite = load_suite(cfg)
