@@ -6,13 +6,14 @@
                                          [--settings ours p-init no-stop paper]
 
 Our Square (``iwmf_bench.attacks.square``) at four settings, on dlib-resnet with the
-shared pairs aligned as the harness aligns them (source ``i`` impersonates target ``i``):
+shared pairs aligned as the suites align them (source ``i`` impersonates target ``i``):
 
-* ``p_init`` 0.05, stop on success (our default: AutoAttack's Linf value, paper's early stop);
+* ``p_init`` 0.05, stop on success (our earlier default: the Square paper's Linf value and early stop);
 * ``p_init`` 0.8 only;
 * no stop only (every image is pushed for the whole budget, raising its margin);
-* ``p_init`` 0.8 and no stop (the paper's code: ``SquareAttack(..., thres=1)``, which never
-  counts a success, with the class default ``p_init`` 0.8).
+* ``p_init`` 0.8 and no stop (today's default; the IWMF paper's code:
+  ``SquareAttack(..., thres=1)``, which never counts a success, with the class default
+  ``p_init`` 0.8).
 
 Transfer block (the suites' ``square-linf-transfer``): each setting crafts on the
 undefended model once; the same images are scored undefended and through IWMF
@@ -54,7 +55,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "iwmfdiff-img
 
 #: name -> (row label, Square keywords besides norm, eps, queries).
 SETTINGS = {
-    "ours": ("p_init 0.05, stop on success (ours today)", {"p_init": 0.05, "stop_on_success": True}),
+    "ours": ("p_init 0.05, stop on success (earlier default)", {"p_init": 0.05, "stop_on_success": True}),
     "p-init": ("p_init 0.8 only", {"p_init": 0.8, "stop_on_success": True}),
     "no-stop": ("no stop only (p_init 0.05)", {"p_init": 0.05, "stop_on_success": False}),
     "paper": ("p_init 0.8 + no stop (paper's)", {"p_init": 0.8, "stop_on_success": False}),
