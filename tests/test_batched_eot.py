@@ -123,3 +123,37 @@ def test_autoattack_rand_flavour_through_iwmf_is_unchanged(faces):
     assert torch.equal(batched.adversarial, looped.adversarial)
     assert torch.equal(batched.info["objective"], looped.info["objective"])
     assert batched.queries.tolist() == looped.queries.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["iwmf", "iwmf-shared", "gaussian-noise", "random-resize-pad", "iwmfdiff"])
+def test_purify_draws_equals_the_loop_on_cuda(case):
+    """The same equality on the GPU (IWMF through its Triton kernel there): one call of
+    batch x draws images gives the loop's images, gradients and generator state."""
+    defense = build(case).to("cuda")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.rand(IMAGES, 3, 32, 32, generator=g, device="cuda")
+    cotangent = torch.randn(DRAWS * IMAGES, 3, 32, 32, generator=g, device="cuda")
+    mode = "exact" if "exact" in defense.grad_modes else defense.grad_modes[0]
+    outs, grads = [], []
+    for run in (defense.purify_draws, lambda *a: loop(defense, *a)):
+        gen = torch.Generator(device="cuda").manual_seed(11)
+        xs = x.repeat(DRAWS, 1, 1, 1).requires_grad_(mode != "none")
+        out = run(xs, gen, DRAWS, mode)
+        outs.append(out.detach())
+        if mode != "none":
+            grads.append(torch.autograd.grad(out, xs, cotangent)[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
+    if grads:
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_apgd_eot_through_iwmf_is_unchanged_on_cuda(faces):
+    model, src, refs = faces
+    model = model.to("cuda")
+    attack = APGD(eps=0.03, steps=3, eot_iter=4, grad_mode="exact")
+    task = AttackTask(model, src.cuda(), refs.cuda(), IWMF(0.25).to("cuda"), seed=3, threshold=0.3)
+    batched, looped = attack_both_ways(attack, task)
+    torch.testing.assert_close(batched.adversarial, looped.adversarial, rtol=0, atol=1e-6)
+    assert batched.queries.tolist() == looped.queries.tolist()
