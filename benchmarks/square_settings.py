@@ -44,12 +44,7 @@ from iwmf_bench.attacks.base import AttackTask
 from iwmf_bench.attacks.square import Square
 from iwmf_bench.defenses.iwmf import IWMF
 from iwmf_bench.models.base import frozen
-
-try:  # the folder protocol's pair source (the paper's pairs, aligned as a suite cell aligns them)
-    from iwmf_bench.pipeline.folder_pairs import folder_pairs
-except ImportError:  # pragma: no cover - before the pipeline package: the harness held it
-    folder_pairs = None
-    from iwmf_bench.harness import prepare_data
+from iwmf_bench.pipeline.folder_pairs import folder_pairs  # the paper's pairs, aligned as a suite cell aligns them
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "iwmfdiff-imgs"
 
@@ -64,11 +59,8 @@ SETTINGS = {
 
 def shared_pairs(sources: str, targets: str, pairs: int, model_name: str, input_size: int):
     """Sources and targets aligned for ``model_name``, source ``i`` against target ``i``."""
-    if folder_pairs is not None:
-        data = folder_pairs(sources, targets, True, pairs, model_name, input_size)
-        return data.sources, data.targets
-    data = prepare_data(sources, targets, True, pairs, model_name, input_size)
-    return data["sources"], data["targets"]
+    data = folder_pairs(sources, targets, True, pairs, model_name, input_size)
+    return data.sources, data.targets
 
 
 def scored_row(label, model, adv, refs, defense, seed, draws, queries, seconds):
