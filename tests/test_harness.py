@@ -286,10 +286,12 @@ def test_shipped_suites_load_and_name_registered_plugins(path):
     suite = load_suite(path)
     validate(suite)  # every option is one its factory accepts
     cells = suite.cells()
-    # The cross product, less what an entry's `threats:` list leaves out.
+    # The cross product, less what an entry's `threats:` list leaves out; a threat model
+    # with a list of budgets counts once per budget.
     allowed = lambda opts: set(opts.get("threats", suite.threat_models))  # noqa: E731
-    assert len(cells) == sum(len(allowed(m) & allowed(d)) for m in suite.models.values()
-                             for d in suite.defenses.values()) > 0
+    budgets = {t: len(suite.budgets(t)) for t in suite.threat_models}
+    assert len(cells) == sum(budgets[t] for m in suite.models.values() for d in suite.defenses.values()
+                             for t in allowed(m) & allowed(d)) > 0
     assert set(suite.models) <= set(registry.available("models"))
     assert {d["defense"] for d in suite.defenses.values()} <= set(registry.available("defenses"))
     assert {t["attack"] for t in suite.threat_models.values()} - {None} <= set(registry.available("attacks"))
