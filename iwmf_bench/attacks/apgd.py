@@ -70,7 +70,7 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torc
     return (x + delta).clamp(0, 1)
 
 
-def _direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+def step_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "Linf":
         return grad.sign()
     return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
@@ -193,7 +193,7 @@ class APGD(Attack):
         for k in self.iterations(self.steps, "step"):
             with torch.no_grad():
                 a = self.momentum if k > 0 else 1.0
-                z = project(x_adv + step * _direction(grad, norm), x, norm, eps)
+                z = project(x_adv + step * step_direction(grad, norm), x, norm, eps)
                 x_new = project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x, norm, eps)
                 x_prev, x_adv = x_adv, x_new
             loss, grad, used = self._loss_and_grad(task, x_adv, defense_gen, grad_mode, draws)

@@ -69,8 +69,8 @@ import torch
 from .. import metrics
 from ..data import quantize
 from ..errors import BenchError
-from .apgd import APGD, checkpoints
-from .base import (Attack, AttackResult, AttackTask, is_random, make_generator, on_8bit_grid,
+from .apgd import APGD, checkpoints, step_direction
+from .base import (Attack, AttackResult, AttackTask, fit_l2_ball, is_random, make_generator, on_8bit_grid,
                    perturbation_norms, quantize_within_budget)
 
 
@@ -83,21 +83,8 @@ def project_per_sample(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: tor
     eps4 = eps.view(-1, 1, 1, 1)
     norms = delta.double().flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     delta = delta * torch.clamp(eps4 / norms.clamp_min(1e-12), max=1.0).to(delta.dtype)
-    adv = (x + delta).clamp(0, 1)
-    # Float rounding can leave an image a hair outside its ball: pull it back (fit_l2_ball).
-    delta = adv - x
-    actual = delta.double().flatten(1).norm(dim=1)
-    over = actual > eps
-    if not over.any():
-        return adv
-    scale = torch.where(over, eps / actual * (1 - 1e-6), torch.ones_like(actual)).to(adv.dtype)
-    return (x + delta * scale.view(-1, 1, 1, 1)).clamp(0, 1)
-
-
-def _direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
-    if norm == "Linf":
-        return grad.sign()
-    return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    # Float rounding can leave an image a hair outside its ball: pull it back (one eps per image).
+    return fit_l2_ball((x + delta).clamp(0, 1), x, eps)
 
 
 class PerSampleAPGD(APGD):
@@ -138,7 +125,7 @@ class PerSampleAPGD(APGD):
         for k in range(self.steps):
             with torch.no_grad():
                 a = self.momentum if k > 0 else 1.0
-                z = project_per_sample(x_adv + step * _direction(grad, norm), x, norm, eps)
+                z = project_per_sample(x_adv + step * step_direction(grad, norm), x, norm, eps)
                 x_new = project_per_sample(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x, norm, eps)
                 x_prev, x_adv = x_adv, x_new
             loss, grad, used = self._loss_and_grad(task, x_adv, defense_gen, grad_mode, draws)

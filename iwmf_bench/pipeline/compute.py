@@ -55,11 +55,11 @@ def compute_cell(cell: Cell, results_root: Path | None = None, stage: Callable[[
     gen = genuine(cell, model, defense, pairs)
 
     stage("attack")
-    crafted = crafter(cell).craft(CraftTask(cell, model, defense, source, pairs,
-                                            references(cell, model, pairs, gen), results_root))
+    refs = references(cell, model, pairs, gen)
+    crafted = crafter(cell).craft(CraftTask(cell, model, defense, source, pairs, refs, results_root))
 
     stage("evaluate")
-    out = score(cell, model, defense, pairs, gen, crafted)
+    out = score(cell, model, defense, pairs, gen, crafted, refs)
     if threshold_source is not None:
         out["threshold_source"] = threshold_source
     return out

@@ -85,11 +85,10 @@ def references(cell: Cell, model, pairs: Pairs, gen: Genuine) -> torch.Tensor:
     return batched(model.embed, attack_pairs(pairs, "dodging")[1].to(cell.device), cell.batch_size)
 
 
-def score(cell: Cell, model, defense, pairs: Pairs, gen: Genuine, crafted: Crafted) -> dict:
-    """The metrics of one cell (see the module docstring)."""
+def score(cell: Cell, model, defense, pairs: Pairs, gen: Genuine, crafted: Crafted, refs: torch.Tensor) -> dict:
+    """The metrics of one cell (see the module docstring); ``refs``: :func:`references`."""
     batch, goal = cell.batch_size, cell.goal
     seen_through = crafted.scoring_defense or defense
-    refs = references(cell, model, pairs, gen)
     ev = evaluate(model, seen_through, crafted.adversarial, refs, cell.seed,
                   n_draws=int(cell.evaluation.get("draws", 10)), goal=goal)
     stream = make_generator(cell.seed, "harness", "adversarial-identity")
