@@ -383,11 +383,11 @@ if [ "$CPU" = 1 ]; then
   run_step 02-pytest-gpu 70 "$VPY" -m pytest -m gpu -q --collect-only -p no:cacheprovider
   run_step 03-suite 175 run_suite
   run_step 04-diffusion-speed 50 "$VPY" benchmarks/diffusion.py --config tiny --device cpu --timesteps 2 \
-    --batches 1 2 --repeats 1 --skip-options --skip-memory
+    --batches 1 2 --repeats 1 --skip-options --skip-memory --skip-eot
   run_step 05-diffusion-options 35 "$VPY" benchmarks/diffusion.py --config tiny --device cpu --timesteps 2 \
-    --batches 1 --repeats 1 --skip-speed --skip-memory --variants "fp32 eager" "fp32 cuda graphs"
+    --batches 1 --repeats 1 --skip-speed --skip-memory --skip-eot --variants "fp32 eager" "fp32 cuda graphs"
   run_step 06-diffusion-memory 30 "$VPY" benchmarks/diffusion.py --config tiny --device cpu --skip-speed \
-    --skip-options --mem-steps 2 --mem-batch 1 --compile false
+    --skip-options --mem-steps 2 --mem-batch 1 --compile false --repeats 1 --eot-images 1 --eot-draws 2 --eot-steps 2
   run_step 07-purifiers-cuda 35 "$VPY" benchmarks/purifiers.py --device cpu --defenses iwmf \
     --batches 1 --size 64 --repeats 1 --paper-repeats 1
   run_step 08-iwmf-cpu-vs-gpu 20 iwmf_cpu_vs_gpu 64 1,4 2
@@ -396,14 +396,15 @@ else
   run_step 03-suite 175 run_suite
   # Table 1: the CUDA defaults (bf16, SDPA, compile, CUDA graphs) at batch 1 and 16.
   run_step 04-diffusion-speed 50 "$VPY" benchmarks/diffusion.py --config celeba_hq --device cuda --timesteps 20 \
-    --batches 1 16 --repeats 2 --skip-options --skip-memory
+    --batches 1 16 --repeats 2 --skip-options --skip-memory --skip-eot
   # Table 2: fp32 eager (the baseline of the "before" figures) and the eager/graph variants
   # that need no compilation; the default's own rows are Table 1's.
   run_step 05-diffusion-options 35 "$VPY" benchmarks/diffusion.py --config celeba_hq --device cuda --timesteps 20 \
-    --batches 1 16 --repeats 2 --skip-speed --skip-memory --variants "fp32 eager" "bf16 eager" "bf16 cuda graphs"
-  # Table 3: exact-gradient memory per policy, batch 4, 4 steps (eager: no compile per process).
+    --batches 1 16 --repeats 2 --skip-speed --skip-memory --skip-eot --variants "fp32 eager" "bf16 eager" "bf16 cuda graphs"
+  # Table 3: exact-gradient memory per policy, batch 4, 4 steps (eager: no compile per process);
+  # Table 4: one exact EOT step (4 images x 4 draws, 4 steps), draws in one DDRM run vs the loop.
   run_step 06-diffusion-memory 30 "$VPY" benchmarks/diffusion.py --config celeba_hq --device cuda --skip-speed \
-    --skip-options --mem-steps 4 --mem-batch 4 --compile false
+    --skip-options --mem-steps 4 --mem-batch 4 --compile false --repeats 1 --eot-images 4 --eot-draws 4 --eot-steps 4
   run_step 07-purifiers-cuda 35 "$VPY" benchmarks/purifiers.py --device cuda --repeats 3
   # IWMF per image on this node's CPU beside the GPU kernel (the defense as the suite runs it).
   run_step 08-iwmf-cpu-vs-gpu 20 iwmf_cpu_vs_gpu 160 1,20 5

@@ -67,6 +67,37 @@ def test_purify_draws_equals_the_loop(case):
         assert not torch.equal(outs[0][:IMAGES], outs[0][IMAGES:2 * IMAGES])
 
 
+@pytest.mark.parametrize("name", ["diffpure", "iwmfdiff"])
+def test_diffusion_draws_in_one_run_take_the_loops_randomness(name):
+    """``draws_in_one_run`` (the CUDA default) forced on the CPU. With ``batch_size=1``
+    every UNet call sees one image either way, so any difference would be randomness
+    taken in another order: images, gradients and generator state are bit for bit the
+    loop's. With the default chunks the UNet's batch-size-dependent rounding is all that
+    differs (measured about 4e-6 on these images)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(IMAGES, 3, 32, 32, generator=g)
+    cotangent = torch.randn(DRAWS * IMAGES, 3, 32, 32, generator=g)
+    for batch_size, exact in ((1, True), (8, False)):
+        defense = registry.create("defenses", name, **TINY_DIFFUSION, batch_size=batch_size,
+                                  draws_in_one_run=True)
+        assert defense.speed_options("cpu")["draws_in_one_run"] is True
+        outs, grads, states = [], [], []
+        for run in (defense.purify_draws, lambda *a: loop(defense, *a)):
+            gen = torch.Generator().manual_seed(11)
+            xs = x.repeat(DRAWS, 1, 1, 1).requires_grad_(True)
+            out = run(xs, gen, DRAWS, "exact")
+            outs.append(out.detach())
+            grads.append(torch.autograd.grad(out, xs, cotangent)[0])
+            states.append(gen.get_state())
+        assert torch.equal(states[0], states[1])
+        if exact:
+            assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])
+        else:
+            torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=5e-5)
+            torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-4)
+        assert not torch.equal(outs[0][:IMAGES], outs[0][IMAGES:2 * IMAGES])  # draws differ
+
+
 def test_purify_draws_checks_its_input():
     with pytest.raises(BenchError, match="equal draws"):
         IWMF(shared=True).purify_draws(torch.rand(5, 3, 8, 8), None, 2)
@@ -129,8 +160,12 @@ def test_autoattack_rand_flavour_through_iwmf_is_unchanged(faces):
 @pytest.mark.parametrize("case", ["iwmf", "iwmf-shared", "gaussian-noise", "random-resize-pad", "iwmfdiff"])
 def test_purify_draws_equals_the_loop_on_cuda(case):
     """The same equality on the GPU (IWMF through its Triton kernel there): one call of
-    batch x draws images gives the loop's images, gradients and generator state."""
-    defense = build(case).to("cuda")
+    batch x draws images gives the loop's images, gradients and generator state. IWMF-Diff
+    runs its draws in one DDRM run on CUDA (``draws_in_one_run``): in float32 and one image
+    per UNet call, so that only the order of the randomness could differ."""
+    defense = build(case) if case != "iwmfdiff" else registry.create(
+        "defenses", case, **TINY_DIFFUSION, dtype="float32", batch_size=1)
+    defense = defense.to("cuda")
     g = torch.Generator(device="cuda").manual_seed(7)
     x = torch.rand(IMAGES, 3, 32, 32, generator=g, device="cuda")
     cotangent = torch.randn(DRAWS * IMAGES, 3, 32, 32, generator=g, device="cuda")

@@ -163,13 +163,16 @@ def test_cuda_default_configuration_on_cpu_against_fp32_eager():
 def test_device_defaults():
     d = IWMFDiff(config="tiny", pretrained=False)
     assert d.speed_options("cpu") == {"dtype": "float32", "attention": "sdpa", "channels_last": False,
-                                      "compile": False, "cuda_graphs": False, "checkpoint_steps": "auto"}
+                                      "compile": False, "cuda_graphs": False, "draws_in_one_run": False,
+                                      "checkpoint_steps": "auto"}
     assert d.speed_options("cuda") == {"dtype": "bfloat16 autocast", "attention": "sdpa", "channels_last": False,
-                                       "compile": True, "cuda_graphs": True, "checkpoint_steps": "auto"}
+                                       "compile": True, "cuda_graphs": True, "draws_in_one_run": True,
+                                       "checkpoint_steps": "auto"}
     off = IWMFDiff(config="tiny", pretrained=False, dtype="fp32", compile="false", cuda_graphs=False,
-                   checkpoint_steps=True)
+                   checkpoint_steps=True, draws_in_one_run="off")
     assert off.speed_options("cuda") == {"dtype": "float32", "attention": "sdpa", "channels_last": False,
-                                         "compile": False, "cuda_graphs": False, "checkpoint_steps": True}
+                                         "compile": False, "cuda_graphs": False, "draws_in_one_run": False,
+                                         "checkpoint_steps": True}
     with pytest.raises(diffusion.BenchError, match="cuda_graphs must be true, false or auto"):
         IWMFDiff(config="tiny", pretrained=False, cuda_graphs="sometimes")
 
@@ -358,7 +361,8 @@ def test_cuda_auto_memory_policy_keeps_steps_and_matches_checkpointing():
 def test_cuda_default_is_bf16_compiled_and_graphed():
     d = IWMFDiff(config="tiny", pretrained=False, timesteps=4).cuda()
     assert d.speed_options() == {"dtype": "bfloat16 autocast", "attention": "sdpa", "channels_last": False,
-                                 "compile": True, "cuda_graphs": True, "checkpoint_steps": "auto"}
+                                 "compile": True, "cuda_graphs": True, "draws_in_one_run": True,
+                                 "checkpoint_steps": "auto"}
     x = images(2).cuda()
     ref = IWMFDiff(config="tiny", pretrained=False, timesteps=4, dtype="float32", compile=False,
                    cuda_graphs=False).cuda().purify(x, torch.Generator().manual_seed(1))

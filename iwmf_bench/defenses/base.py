@@ -51,6 +51,14 @@ def check_images(x: torch.Tensor, what: str = "images", channels: int | None = N
                          "(images in [-1,1] or [0,255] must be rescaled first)")
 
 
+def draw_chunk(x: torch.Tensor, draws: int) -> int:
+    """Images per draw of a :meth:`Defense.purify_draws` batch (a BenchError if ``x`` does
+    not split into ``draws`` equal chunks)."""
+    if int(draws) != draws or draws < 1 or x.shape[0] % draws:
+        raise BenchError(f"purify_draws: {x.shape[0]} images do not split into {draws} equal draws")
+    return x.shape[0] // int(draws)
+
+
 class Defense(torch.nn.Module):
     """Base class of purification defenses (see the module docstring for the contract)."""
 
@@ -102,11 +110,10 @@ class Defense(torch.nn.Module):
         only needs to set :attr:`draws_in_one_call`. tests/test_batched_eot.py checks every
         registered defense against the loop.
         """
-        if int(draws) != draws or draws < 1 or x.shape[0] % draws:
-            raise BenchError(f"purify_draws: {x.shape[0]} images do not split into {draws} equal draws")
+        per_draw = draw_chunk(x, draws)
         if draws == 1 or self.draws_in_one_call:
             return self.purify(x, generator, grad_mode)
-        return torch.cat([self.purify(chunk, generator, grad_mode) for chunk in x.split(x.shape[0] // draws)])
+        return torch.cat([self.purify(chunk, generator, grad_mode) for chunk in x.split(per_draw)])
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.purify(x, generator)
@@ -124,6 +131,7 @@ class NoDefense(Defense):
     """No purification: the identity (baseline row of every leaderboard)."""
 
     registered_name = "none"
+    draws_in_one_call = True  # deterministic, image by image: one call is the loop
     stochastic = False
 
     def _purify(self, x, generator):

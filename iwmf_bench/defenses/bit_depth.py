@@ -35,6 +35,7 @@ class BitDepth(Defense):
     """Bit-depth reduction to `bits` bits per channel (Xu et al. 2018, feature squeezing)."""
 
     registered_name = "bit-depth"
+    draws_in_one_call = True  # deterministic, image by image: one call is the loop
     stochastic = False
     grad_modes = ("none", "bpda")  # the exact gradient is zero almost everywhere
 

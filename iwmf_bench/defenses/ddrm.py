@@ -93,11 +93,51 @@ def draw_noise(batch: int, draws: int, shape: tuple[int, ...], generator: torch.
     if generator is None:
         generator = torch.Generator()
         generator.seed()  # fresh OS entropy; never touches the global RNG
-    per_image = [torch.randn((draws, *shape), generator=generator, dtype=torch.float32,
-                             device=generator.device) for _ in range(batch)]
+    return _stacked([_image_noise(draws, shape, generator) for _ in range(batch)], draws, shape, device)
+
+
+def _image_noise(draws: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """One image's noise of a run: the generator's next ``draws x prod(shape)`` normals."""
+    return torch.randn((draws, *shape), generator=generator, dtype=torch.float32, device=generator.device)
+
+
+def _stacked(per_image: list[torch.Tensor], draws: int, shape: tuple[int, ...],
+             device: torch.device | str) -> torch.Tensor:
     if not per_image:
         return torch.empty((draws, 0, *shape), device=device)
     return torch.stack(per_image, dim=1).to(device)
+
+
+class NoiseTape:
+    """Where each image's noise starts in a generator's stream, so that noise is drawn
+    later, for any range of images, without holding all of it at once.
+
+    :meth:`mark` records the generator's state before each of the next ``batch`` images
+    and moves the generator past their noise (drawn and dropped), exactly as
+    :func:`draw_noise` would; :meth:`noise` replays images ``[start, stop)`` from their
+    recorded states. Used where the images of one DDRM run were not contiguous in the
+    stream (the EOT draws of :meth:`.diffusion._DDRMPurifier.purify_draws`, each preceded
+    by its own IWMF windows). Costs one extra Gaussian draw per image; memory one
+    generator state per image.
+    """
+
+    def __init__(self, generator: torch.Generator, draws: int, shape: tuple[int, ...]):
+        self.generator, self.draws, self.shape = generator, int(draws), tuple(shape)
+        self.states: list[torch.Tensor] = []
+
+    def mark(self, batch: int) -> None:
+        for _ in range(batch):
+            self.states.append(self.generator.get_state())
+            _image_noise(self.draws, self.shape, self.generator)
+
+    def noise(self, start: int, stop: int, device: torch.device | str) -> torch.Tensor:
+        """The noise of images ``[start, stop)``, as :func:`draw_noise` returns it."""
+        replay = torch.Generator(device=self.generator.device)
+        per_image = []
+        for state in self.states[start:stop]:
+            replay.set_state(state)
+            per_image.append(_image_noise(self.draws, self.shape, replay))
+        return _stacked(per_image, self.draws, self.shape, device)
 
 
 def noise_draws(num_train_steps: int, timesteps: int) -> int:

@@ -46,6 +46,7 @@ class GaussianNoise(Defense):
     """Additive Gaussian noise of std sigma, clamped to [0,1] (randomized-smoothing style)."""
 
     registered_name = "gaussian-noise"
+    draws_in_one_call = True  # per-image randomness and computation: one call is the loop
     grad_modes = ("none", "bpda", "exact")
 
     def __init__(self, sigma: float = 0.12):

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import BenchError
-from .base import Defense
+from .base import Defense, draw_chunk
 
 
 def draw_centres(batch: int, height: int, width: int, n: int, s: int,
@@ -351,8 +351,7 @@ class IWMF(Defense):
         the loop. Shared sequences: the loop draws one sequence per call, so draw them in
         that order, one per draw, and give each draw's chunk its own.
         """
-        if int(draws) != draws or draws < 1 or x.shape[0] % draws:
-            raise BenchError(f"purify_draws: {x.shape[0]} images do not split into {draws} equal draws")
+        chunk = draw_chunk(x, draws)
         if draws == 1 or not self.shared:
             return self.purify(x, generator, grad_mode)
         if x.dim() != 4:
@@ -360,7 +359,7 @@ class IWMF(Defense):
         if generator is None:
             generator = torch.Generator()
             generator.seed()  # fresh OS entropy; never touches the global RNG
-        chunk, (height, width) = x.shape[0] // draws, x.shape[-2:]
+        height, width = x.shape[-2:]
         n = int(self.lambda_0 * height * width)
         centres = torch.cat([draw_centres(chunk, height, width, n, self.s, generator, shared=True)
                              .expand(chunk, n, 2) for _ in range(draws)])

@@ -181,6 +181,7 @@ class JPEG(Defense):
     """JPEG compression at `quality` by the real codec (Dziugaite et al. 2016; Guo et al. 2018)."""
 
     registered_name = "jpeg"
+    draws_in_one_call = True  # deterministic, image by image: one call is the loop
     stochastic = False
     grad_modes = ("none", "bpda", "exact")
     channels = 3

@@ -98,6 +98,7 @@ class Median(Defense):
     """Median smoothing over k x k windows, scipy 'reflect' borders (Xu et al. 2018)."""
 
     registered_name = "median"
+    draws_in_one_call = True  # deterministic, image by image: one call is the loop
     stochastic = False
     grad_modes = ("none", "bpda", "exact")
 

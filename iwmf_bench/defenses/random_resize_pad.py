@@ -87,6 +87,7 @@ class RandomResizePad(Defense):
     """Random resize to [r_min, r_max) x size and random padding, resized back (Xie et al. 2018)."""
 
     registered_name = "random-resize-pad"
+    draws_in_one_call = True  # per-image randomness and computation: one call is the loop
     grad_modes = ("none", "bpda", "exact")
 
     def __init__(self, r_min: float = 1.0, r_max: float = XIE_RATIO, pad_value: float = 0.5):

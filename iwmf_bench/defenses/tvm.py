@@ -373,6 +373,7 @@ class TVM(Defense):
     """Total-variation minimization of a randomly pixel-dropped image (Guo et al. 2018)."""
 
     registered_name = "tvm"
+    draws_in_one_call = True  # per-image randomness and computation: one call is the loop
     stochastic = True
     grad_modes = ("none", "bpda", "exact")
 
