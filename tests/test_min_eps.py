@@ -16,7 +16,8 @@ from iwmf_bench import load_model, registry
 from iwmf_bench.attacks.adaptive import evaluate
 from iwmf_bench.attacks.apgd import APGD, project
 from iwmf_bench.attacks.base import AttackTask, perturbation_norms
-from iwmf_bench.attacks.min_eps import MinEps, PerSampleAPGD, budget_curve, median_budget, project_per_sample
+from iwmf_bench.attacks.base import make_generator
+from iwmf_bench.attacks.min_eps import MinEps, budget_curve, median_budget
 from iwmf_bench.defenses.gaussian_noise import GaussianNoise
 from iwmf_bench.errors import BenchError
 from iwmf_bench.pipeline.folder_pairs import folder_pairs
@@ -65,19 +66,34 @@ def test_per_sample_projection(norm):
     x = torch.rand(3, 3, 8, 8, generator=gen)
     far = torch.rand(3, 3, 8, 8, generator=gen)
     eps = torch.tensor([0.01, 0.1, 0.5], dtype=torch.float64) * (1 if norm == "Linf" else 10)
-    out = project_per_sample(far, x, norm, eps)
+    out = project(far, x, norm, eps)
     assert (perturbation_norms(out.double(), x.double(), norm) <= eps + 1e-6).all()
     assert out.min() >= 0 and out.max() <= 1
     for i in range(3):  # one budget per image: what apgd.project does with that budget
-        assert torch.allclose(out[i:i + 1], project(far[i:i + 1], x[i:i + 1], norm, float(eps[i])), atol=1e-6)
+        assert torch.equal(out[i:i + 1], project(far[i:i + 1], x[i:i + 1], norm, float(eps[i])))
 
 
-def test_inner_attack_is_apgd(pairs):
-    """At a uniform budget and from the random start, the search's inner attack is APGD."""
+def test_apgd_descends_at_one_budget_per_image(pairs):
+    """The search's inner attack, APGD's descent, with a budget per image: each image stays
+    in its own ball, the larger budget gets the higher objective, and at equal budgets it
+    is ``APGD.run`` (its images, objectives and queries)."""
     model, src, refs = pairs
     task = AttackTask(model, src[:2], refs[:2], seed=SEED)
-    ours, theirs = PerSampleAPGD(eps=EPS_MAX, steps=2).run(task), APGD(eps=EPS_MAX, steps=2).run(task)
-    assert torch.equal(ours.adversarial, theirs.adversarial) and torch.equal(ours.success, theirs.success)
+    apgd = APGD(eps=EPS_MAX, steps=3)
+
+    def descend(budgets):
+        eps = torch.tensor(budgets, dtype=torch.float64)
+        return apgd.descend(task, eps, None, make_generator(SEED, apgd.name, "defense"),
+                            make_generator(SEED, apgd.name, "init"), "none", 1), eps
+
+    mixed, eps = descend([0.002, EPS_MAX])
+    assert (perturbation_norms(mixed.adversarial.double(), src[:2].double(), "Linf") <= eps + 1e-6).all()
+    small, _ = descend([0.002, 0.002])
+    large, _ = descend([EPS_MAX, EPS_MAX])
+    assert mixed.objective[1] > small.objective[1] and large.objective[0] > mixed.objective[0]
+    run = apgd.run(task)
+    assert torch.equal(run.info["objective"], large.objective.cpu())
+    assert run.queries.tolist() == [large.queries] * 2
 
 
 def test_reported_budget_succeeds_and_0_9x_failed(pairs, searched):

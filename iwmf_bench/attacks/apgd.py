@@ -37,11 +37,26 @@ the same iterates bit for bit, as one call per draw (:attr:`Attack.batched_eot`)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import BenchError
 from .base import Attack, AttackResult, AttackTask, fit_l2_ball, is_random, make_generator
+
+
+@dataclass
+class Descent:
+    """What :meth:`APGD.descend` found: per image the best iterate and its objective, whether
+    a gradient was identically zero, the final step size; the queries per image (the same
+    for all) and the mean objective after each step."""
+
+    adversarial: torch.Tensor
+    objective: torch.Tensor
+    queries: int
+    zero_gradient: torch.Tensor
+    trace: list[float]
+    step_size: torch.Tensor
 
 
 def checkpoints(steps: int) -> list[int]:
@@ -53,21 +68,24 @@ def checkpoints(steps: int) -> list[int]:
     return sorted(w for w in marks if 0 < w < steps)
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
-    """Project onto the eps-ball around ``x`` (per image), then clip to [0,1].
+def project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float | torch.Tensor) -> torch.Tensor:
+    """Project onto the eps-ball around ``x`` (per image), then clip to [0,1]; ``eps`` is
+    one budget for all images or one per image (a float64 tensor of shape ``(N,)``).
 
     For Linf this is the exact projection onto the intersection; for L2 (as in the
     reference implementation) clipping after the ball projection stays feasible, since
     clipping only shrinks each pixel's perturbation toward ``x`` in [0,1].
     """
     delta = x_adv - x
+    per_image = isinstance(eps, torch.Tensor)
     if norm == "Linf":
-        delta = delta.clamp(-eps, eps)
-    else:
-        norms = delta.double().flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        delta = delta * torch.clamp(eps / norms.clamp_min(1e-12), max=1.0).to(delta.dtype)
-        return fit_l2_ball((x + delta).clamp(0, 1), x, eps)
-    return (x + delta).clamp(0, 1)
+        bound = eps.to(delta.dtype).view(-1, 1, 1, 1) if per_image else eps
+        return (x + delta.clamp(-bound, bound)).clamp(0, 1)
+    norms = delta.double().flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    scale = (eps.view(-1, 1, 1, 1) if per_image else eps) / norms.clamp_min(1e-12)
+    delta = delta * torch.clamp(scale, max=1.0).to(delta.dtype)
+    # Float rounding can leave an image a hair outside its ball: pull it back.
+    return fit_l2_ball((x + delta).clamp(0, 1), x, eps)
 
 
 def step_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
@@ -157,18 +175,6 @@ class APGD(Attack):
         x = task.sources
         n = x.shape[0]
         grad_mode = self.resolve_grad_mode(task)
-        defense_gen = make_generator(task.seed, self.name, "defense")
-        init_gen = make_generator(task.seed, self.name, "init")
-        eps, norm = self.eps, self.norm
-
-        # Random start (reference implementation): a random point of the eps-ball's surface.
-        t = (torch.rand(x.shape, generator=init_gen, dtype=torch.float64) * 2 - 1).to(x)
-        if norm == "Linf":
-            delta = eps * t / t.flatten(1).abs().amax(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        else:
-            delta = eps * t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        x_adv = (x + delta).clamp(0, 1)
-
         # EOT only where there is randomness: over a deterministic defense every draw gives
         # the same loss and gradient, so one draw per step (the same iterates up to rounding, eot_iter times cheaper).
         random = task.defense is not None and (task.defense.stochastic or is_random(task.defense, x[:2], task.seed))
@@ -176,11 +182,42 @@ class APGD(Attack):
         eot_note = {} if draws == self.eot_iter else {
             "eot_note": f"defense is deterministic: EOT over {self.eot_iter} draws would repeat one gradient, "
                         "so one draw per step"}
+        run = self.descend(task, torch.full((n,), float(self.eps), dtype=torch.float64), None,
+                           make_generator(task.seed, self.name, "defense"),
+                           make_generator(task.seed, self.name, "init"), grad_mode, draws)
+        return AttackResult(
+            adversarial=run.adversarial,
+            success=self.succeeded(run.objective).cpu(),
+            queries=torch.full((n,), run.queries, dtype=torch.long),
+            flags={"zero_gradients": bool(run.zero_gradient.any())},
+            info={"objective": run.objective.cpu(), "grad_mode": grad_mode,
+                  "zero_gradient_samples": int(run.zero_gradient.sum()), "objective_trace": run.trace,
+                  "final_step_size": run.step_size.flatten().cpu(), **eot_note},
+        )
+
+    def descend(self, task: AttackTask, eps: torch.Tensor, start: torch.Tensor | None,
+                defense_gen: torch.Generator, init_gen: torch.Generator, grad_mode: str, draws: int) -> Descent:
+        """APGD's iterations with budget ``eps[i]`` (float64, shape ``(N,)``) for image ``i``,
+        from ``start`` projected into the balls, or (None) from the reference implementation's
+        random start, a random point of each ball's surface drawn from ``init_gen``.
+        ``draws`` draws of the defense's randomness (from ``defense_gen``) per step.
+        :meth:`run` is this at one budget for all; :class:`.min_eps.MinEps` searches with
+        one budget per image."""
+        x = task.sources
+        n, norm = x.shape[0], self.norm
+        eps = eps.to(device=x.device, dtype=torch.float64)
+        if start is None:
+            t = (torch.rand(x.shape, generator=init_gen, dtype=torch.float64) * 2 - 1).to(x)
+            size = t.flatten(1).abs().amax(dim=1) if norm == "Linf" else t.flatten(1).norm(dim=1)
+            x_adv = (x + eps.to(x.dtype).view(-1, 1, 1, 1) * t / size.clamp_min(1e-12).view(-1, 1, 1, 1)).clamp(0, 1)
+        else:
+            x_adv = project(start.to(x), x, norm, eps)
+
         loss, grad, used = self._loss_and_grad(task, x_adv, defense_gen, grad_mode, draws)
         queries = used
         zero_grad = grad.flatten(1).abs().amax(dim=1) == 0
         x_best, loss_best, grad_best = x_adv.clone(), loss.clone(), grad.clone()
-        step = torch.full((n, 1, 1, 1), 2.0 * eps, dtype=x.dtype, device=x.device)
+        step = (2.0 * eps).to(x.dtype).view(-1, 1, 1, 1).clone()
         marks = set(checkpoints(self.steps))
         last_mark = 0
         increases = torch.zeros(n, device=x.device)
@@ -217,13 +254,4 @@ class APGD(Attack):
                     reduced_last, best_last = reduce, loss_best.clone()
                     increases.zero_()
                     last_mark = k + 1
-
-        return AttackResult(
-            adversarial=x_best.detach(),
-            success=self.succeeded(loss_best).cpu(),
-            queries=torch.full((n,), queries, dtype=torch.long),
-            flags={"zero_gradients": bool(zero_grad.any())},
-            info={"objective": loss_best.detach().cpu(), "grad_mode": grad_mode,
-                  "zero_gradient_samples": int(zero_grad.sum()), "objective_trace": trace,
-                  "final_step_size": step.flatten().cpu(), **eot_note},
-        )
+        return Descent(x_best.detach(), loss_best.detach(), queries, zero_grad, trace, step)

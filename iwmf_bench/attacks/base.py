@@ -168,9 +168,10 @@ def check_budget(adv: torch.Tensor, src: torch.Tensor, norm: str, eps: float, wh
                                 f"> eps {eps:.6g} (+{TOLERANCE:g})")
 
 
-def fit_l2_ball(adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+def fit_l2_ball(adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
     """Undo float rounding that leaves ``adv`` a hair outside the L2 ball: images whose
-    actual ``||adv - x||`` (in float64) exceeds ``eps`` are pulled back along ``adv - x``."""
+    actual ``||adv - x||`` (in float64) exceeds ``eps`` (one for all, or a float64 tensor of
+    one per image) are pulled back along ``adv - x``."""
     delta = adv - x
     norms = delta.double().flatten(1).norm(dim=1)
     over = norms > eps

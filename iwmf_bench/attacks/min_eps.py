@@ -69,96 +69,9 @@ import torch
 from .. import metrics
 from ..data import quantize
 from ..errors import BenchError
-from .apgd import APGD, checkpoints, step_direction
-from .base import (Attack, AttackResult, AttackTask, fit_l2_ball, is_random, make_generator, on_8bit_grid,
-                   perturbation_norms, quantize_within_budget)
-
-
-def project_per_sample(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: torch.Tensor) -> torch.Tensor:
-    """:func:`.apgd.project` with one budget per image (``eps``: shape (N,), float64)."""
-    delta = x_adv - x
-    if norm == "Linf":
-        bound = eps.to(delta.dtype).view(-1, 1, 1, 1)
-        return (x + delta.clamp(-bound, bound)).clamp(0, 1)
-    eps4 = eps.view(-1, 1, 1, 1)
-    norms = delta.double().flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    delta = delta * torch.clamp(eps4 / norms.clamp_min(1e-12), max=1.0).to(delta.dtype)
-    # Float rounding can leave an image a hair outside its ball: pull it back (one eps per image).
-    return fit_l2_ball((x + delta).clamp(0, 1), x, eps)
-
-
-class PerSampleAPGD(APGD):
-    """APGD with one budget per image and an optional start point (the search's inner attack).
-
-    Run as an attack (:meth:`run`) it is APGD at the uniform budget ``eps`` with the same
-    random streams, and gives APGD's images (tests/test_min_eps.py checks this).
-    """
-
-    def descend(self, task: AttackTask, eps: torch.Tensor, start: torch.Tensor | None,
-                defense_gen: torch.Generator, init_gen: torch.Generator, grad_mode: str, draws: int):
-        """APGD's iterations (Algorithm 1 of Croce & Hein 2020, as in :mod:`.apgd`) with
-        budget ``eps[i]`` for image ``i``, from ``start`` projected into the balls (None: a
-        random point of each ball's surface). Returns the best iterates, their objective,
-        the queries per image and which images saw an identically zero gradient."""
-        x = task.sources
-        n, norm = x.shape[0], self.norm
-        eps = eps.to(device=x.device, dtype=torch.float64)
-        eps4 = eps.to(x.dtype).view(-1, 1, 1, 1)
-        if start is None:
-            t = (torch.rand(x.shape, generator=init_gen, dtype=torch.float64) * 2 - 1).to(x)
-            size = t.flatten(1).abs().amax(dim=1) if norm == "Linf" else t.flatten(1).norm(dim=1)
-            x_adv = (x + eps4 * t / size.clamp_min(1e-12).view(-1, 1, 1, 1)).clamp(0, 1)
-        else:
-            x_adv = project_per_sample(start.to(x), x, norm, eps)
-
-        loss, grad, used = self._loss_and_grad(task, x_adv, defense_gen, grad_mode, draws)
-        queries = used
-        zero_grad = grad.flatten(1).abs().amax(dim=1) == 0
-        x_best, loss_best, grad_best = x_adv.clone(), loss.clone(), grad.clone()
-        step = (2.0 * eps).to(x.dtype).view(-1, 1, 1, 1).clone()
-        marks = set(checkpoints(self.steps))
-        last_mark = 0
-        increases = torch.zeros(n, device=x.device)
-        reduced_last = torch.zeros(n, dtype=torch.bool, device=x.device)
-        best_last = loss_best.clone()
-        x_prev, loss_prev = x_adv.clone(), loss.clone()
-        for k in range(self.steps):
-            with torch.no_grad():
-                a = self.momentum if k > 0 else 1.0
-                z = project_per_sample(x_adv + step * step_direction(grad, norm), x, norm, eps)
-                x_new = project_per_sample(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x, norm, eps)
-                x_prev, x_adv = x_adv, x_new
-            loss, grad, used = self._loss_and_grad(task, x_adv, defense_gen, grad_mode, draws)
-            queries += used
-            zero_grad |= grad.flatten(1).abs().amax(dim=1) == 0
-            with torch.no_grad():
-                increases += (loss > loss_prev).float()
-                loss_prev = loss
-                better = loss > loss_best
-                x_best[better], loss_best[better], grad_best[better] = x_adv[better], loss[better], grad[better]
-                if k + 1 in marks:
-                    span = k + 1 - last_mark
-                    reduce = (increases < self.rho * span) | (~reduced_last & (best_last >= loss_best))
-                    step[reduce] /= 2
-                    x_adv[reduce], grad[reduce] = x_best[reduce], grad_best[reduce]
-                    x_prev[reduce] = x_best[reduce]
-                    reduced_last, best_last = reduce, loss_best.clone()
-                    increases.zero_()
-                    last_mark = k + 1
-        return x_best.detach(), loss_best.detach(), queries, zero_grad
-
-    def _run(self, task: AttackTask) -> AttackResult:
-        x = task.sources
-        grad_mode = self.resolve_grad_mode(task)
-        random = task.defense is not None and (task.defense.stochastic or is_random(task.defense, x[:2], task.seed))
-        eps = torch.full((x.shape[0],), self.eps, dtype=torch.float64)
-        adv, loss, queries, zero_grad = self.descend(
-            task, eps, None, make_generator(task.seed, self.name, "defense"),
-            make_generator(task.seed, self.name, "init"), grad_mode, self.eot_iter if random else 1)
-        return AttackResult(adversarial=adv, success=self.succeeded(loss).cpu(),
-                            queries=torch.full((x.shape[0],), queries, dtype=torch.long),
-                            flags={"zero_gradients": bool(zero_grad.any())},
-                            info={"objective": loss.cpu(), "grad_mode": grad_mode})
+from .apgd import APGD
+from .base import (Attack, AttackResult, AttackTask, is_random, make_generator, on_8bit_grid, perturbation_norms,
+                   quantize_within_budget)
 
 
 class MinEps(Attack):
@@ -175,8 +88,7 @@ class MinEps(Attack):
             raise BenchError(f"{self.name}: search_steps must be a non-negative integer, got {search_steps}")
         if not 0 < float(rel_tol) < 1:
             raise BenchError(f"{self.name}: rel_tol must lie in (0, 1), got {rel_tol}")
-        self.inner = PerSampleAPGD(norm=norm, eps=self.eps, steps=steps, eot_iter=eot_iter,
-                                   grad_mode=grad_mode, goal=goal)
+        self.inner = APGD(norm=norm, eps=self.eps, steps=steps, eot_iter=eot_iter, grad_mode=grad_mode, goal=goal)
         self.steps, self.grad_mode = self.inner.steps, self.inner.grad_mode
         self.search_steps, self.rel_tol = int(search_steps), float(rel_tol)
 
@@ -247,15 +159,15 @@ class MinEps(Attack):
             idx = torch.tensor(active, dtype=torch.long)
             sub = self._subtask(task, idx.to(x.device))
             eps = torch.tensor(budgets, dtype=torch.float64)
-            found, _, used, zeros = inner.descend(
+            found = inner.descend(
                 sub, eps, None if rnd == 0 else adv[idx.to(x.device)],
                 make_generator(task.seed, self.name, "defense", rnd),
                 make_generator(task.seed, self.name, "init", rnd), grad_mode, draws)
-            zero_grad |= bool(zeros.any())
-            submitted = self._candidates(found, sub.sources, eps, eight_bit)
+            zero_grad |= bool(found.zero_gradient.any())
+            submitted = self._candidates(found.adversarial, sub.sources, eps, eight_bit)
             ok = self._judge(sub, submitted, make_generator(task.seed, self.name, "judge", rnd + 1), draws)
             sizes = perturbation_norms(submitted.double(), sub.sources.double(), self.norm).cpu()
-            queries[idx] += used + draws
+            queries[idx] += found.queries + draws
             for j, i in enumerate(active):
                 search[i].append((budgets[j], bool(ok[j])))
                 if ok[j] and float(sizes[j]) < hi[i]:
