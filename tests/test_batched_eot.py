@@ -9,6 +9,7 @@ import torch
 from iwmf_bench import load_model, registry
 from iwmf_bench.attacks.apgd import APGD
 from iwmf_bench.attacks.base import AttackTask
+from iwmf_bench.attacks.square import Square
 from iwmf_bench.data import load_folder
 from iwmf_bench.defenses.base import Defense
 from iwmf_bench.defenses.iwmf import IWMF
@@ -140,6 +141,20 @@ def test_apgd_eot_through_iwmf_is_unchanged(faces, shared, grad_mode, per_call):
     assert torch.equal(batched.info["objective"], looped.info["objective"])
     assert torch.equal(batched.info["final_step_size"], looped.info["final_step_size"])
     assert batched.queries.tolist() == looped.queries.tolist()
+
+
+@pytest.mark.parametrize("per_call", [None, 2])
+def test_square_eot_through_iwmf_is_unchanged(faces, per_call):
+    """Square with IWMF in its loop: each loss estimate's draws in one call (or groups of 2
+    and 1) give the loop's search, bit for bit."""
+    model, src, refs = faces
+    attack = Square(eps=0.03, queries=30, eot_iter=3)
+    attack.draws_per_call = per_call
+    task = AttackTask(model, src, refs, IWMF(0.25), seed=3, threshold=0.3)
+    batched, looped = attack_both_ways(attack, task)
+    assert torch.equal(batched.adversarial, looped.adversarial)
+    assert torch.equal(batched.info["objective"], looped.info["objective"])
+    assert batched.queries.tolist() == looped.queries.tolist() == [30] * 3
 
 
 def test_autoattack_rand_flavour_through_iwmf_is_unchanged(faces):

@@ -142,11 +142,9 @@ class APGD(Attack):
         if not self.batched_eot or task.defense is None or draws == 1:
             return self._loss_and_grad_loop(task, x, generator, grad_mode, draws)
         n = x.shape[0]
-        per_call = draws if self.draws_per_call is None else max(1, min(draws, int(self.draws_per_call)))
         total_loss = torch.zeros(n, dtype=x.dtype, device=x.device)
         total_grad = torch.zeros_like(x)
-        for first in range(0, draws, per_call):
-            group = min(per_call, draws - first)
+        for group in self.draw_groups(draws):
             xs = x.detach().repeat(group, 1, 1, 1).requires_grad_(True)
             with torch.enable_grad():
                 obj = self.objective_draws(task, xs, generator, grad_mode, group)

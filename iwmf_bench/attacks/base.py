@@ -326,6 +326,12 @@ class Attack:
         n = z.shape[0] // draws
         return torch.cat([self.purified_objective(task, chunk.clone()) for chunk in z.split(n)])
 
+    def draw_groups(self, draws: int) -> list[int]:
+        """How many draws each :meth:`objective_draws` call of a step takes: all of them, or
+        groups of at most :attr:`draws_per_call`, in draw order."""
+        per_call = draws if self.draws_per_call is None else max(1, min(draws, int(self.draws_per_call)))
+        return [min(per_call, draws - first) for first in range(0, draws, per_call)]
+
     def succeeded(self, objective: torch.Tensor) -> torch.Tensor:
         """Impersonation: accepted (margin >= 0); dodging: rejected (margin < 0)."""
         return objective >= 0 if self.goal == "impersonation" else objective > 0

@@ -28,7 +28,8 @@ succeeds, as the Square paper does.
 
 Settings: on a task with ``defense=None`` Square attacks the bare model (the paper's
 transfer setting, evaluated later through the defense); with a defense in the task,
-every query goes through ``purify`` (fresh randomness per query) and the model.
+every query goes through the purifier (fresh randomness per query; a loss estimate's
+``eot_iter`` draws in one ``purify_draws`` call) and the model.
 """
 
 from __future__ import annotations
@@ -127,10 +128,17 @@ class Square(Attack):
 
     @torch.no_grad()
     def _loss(self, task: AttackTask, x: torch.Tensor, idx: torch.Tensor, generator, draws: int) -> torch.Tensor:
-        """Objective of images ``x`` (sources ``idx``), averaged over ``draws`` draws."""
+        """Objective of images ``x`` (sources ``idx``), averaged over ``draws`` draws: through
+        one ``purify_draws`` call (:attr:`Attack.batched_eot`), or one ``objective`` call per
+        draw; the same sum bit for bit (tests/test_batched_eot.py)."""
         sub = AttackTask(task.model, task.sources[idx], task.references[idx], task.defense, task.seed,
                          task.threshold)
-        return sum(self.objective(sub, x, generator) for _ in range(draws)) / draws
+        if not self.batched_eot or task.defense is None or draws == 1:
+            return sum(self.objective(sub, x, generator) for _ in range(draws)) / draws
+        per_draw = []
+        for group in self.draw_groups(draws):
+            per_draw += self.objective_draws(sub, x.repeat(group, 1, 1, 1), generator, "none", group).split(x.shape[0])
+        return sum(per_draw) / draws
 
     def _init(self, x, generator):
         n, c, h, w = x.shape
