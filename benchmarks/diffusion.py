@@ -242,7 +242,7 @@ def memory(args) -> list[list]:
 
 def eot(args) -> list[list]:
     """Seconds of one EOT step, draws in one run against the loop (same randomness)."""
-    res = make(IWMFDiff, args).prior.resolution
+    res = load_prior_config(args.config).resolution
     x = torch.rand(args.eot_images, 3, res, res, generator=torch.Generator().manual_seed(0)).to(args.device)
     xs = x.repeat(args.eot_draws, 1, 1, 1)
     rows, outs = [], {}
