@@ -28,3 +28,10 @@ class NotApplicableError(BenchError):
 class MissingExtraError(BenchError):
     """An optional dependency (an extra such as ``iwmf-bench[suites]``) is not installed;
     the harness reports the cell as skipped, naming the install command."""
+
+
+class DatasetMissingError(WeightsError):
+    """A fetchable image set (:mod:`iwmf_bench.image_sets`) is missing, incomplete or altered
+    in the cache. A subclass of :class:`WeightsError` because it is the same situation as
+    missing weights, fixed the same way (``iwmf-bench fetch NAME``): the harness reports a
+    cell that needs it as skipped with the fetch command, not as an error of the code."""

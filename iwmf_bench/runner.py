@@ -156,7 +156,7 @@ def _run_ray(cells: list[Cell], results_root: Path, address: str | None):
     pending = {}
     for cell in cells:
         gpus = 1 if cell.device.startswith("cuda") else 0
-        ref = task.options(num_cpus=1, num_gpus=gpus).remote(cell.to_dict(), str(results_root))
+        ref = task.options(num_cpus=1, num_gpus=gpus).remote(cell.transport(), str(results_root))
         pending[ref] = cell
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

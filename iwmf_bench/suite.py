@@ -21,7 +21,8 @@ import yaml
 from . import registry
 from .devices import resolve_device
 from .errors import BenchError
-from .pipeline import dataset_pairs, threshold
+from . import image_sets
+from .pipeline import data_spec, dataset_pairs, threshold
 from .pipeline.cell import REQUIRES, SETTINGS, SURROGATE_KEYS, Cell
 from .pipeline.surrogate import resolve_surrogate
 from .util import SUITE_KEYS
@@ -42,6 +43,11 @@ class Suite:
     threat_models: dict[str, dict]
     evaluation: dict = field(default_factory=dict)
     check: dict = field(default_factory=dict)
+
+    @property
+    def root(self) -> str:
+        """The suite file's folder: where its data's relative paths resolve."""
+        return str(self.path.resolve().parent)
 
     def budgets(self, threat: str) -> list[tuple[str, dict]]:
         """(cell label, attack options) of each budget of a threat model: itself when its
@@ -91,7 +97,7 @@ class Suite:
                         continue
                     for label, t_opts in self.budgets(t):
                         out.append(Cell(self.name, m, strip(m_opts), d, strip(d_opts), label, dict(t_opts),
-                                        dict(self.data), dict(self.evaluation), self.seed, device))
+                                        dict(self.data), dict(self.evaluation), self.seed, device, self.root))
         if shard:
             i, n = shard
             out = [c for j, c in enumerate(out) if j % n == i - 1]
@@ -151,6 +157,42 @@ def validate(suite: "Suite") -> None:
     if "dataset" in suite.data:
         dataset_pairs.validate(suite.path, suite.data)
     threshold.validate(suite.path, suite.data, suite.models)
+
+
+def check_data(suite: "Suite") -> None:
+    """Every image set, folder and file the suite's data (and its models' calibration
+    sets) names exists: checked once, before any cell runs (one line and exit 2 otherwise)."""
+    data_spec.check(suite.data, suite.root, str(suite.path))
+    for label, opts in suite.models.items():
+        spec = opts.get("threshold")
+        if isinstance(spec, dict) and isinstance(spec.get("dataset"), dict):
+            ref = {k: v for k, v in spec["dataset"].items() if k != "align"}
+            data_spec.check(ref, suite.root, f"{suite.path}: models.{label}.threshold")
+
+
+SUITES_DIRS = (Path(__file__).parent / "suites",  # in an installed wheel
+               Path(__file__).resolve().parents[1] / "configs")  # in the source tree
+
+
+def shipped_suites() -> dict[str, Path]:
+    """The suites that come with the package, by name (file stem)."""
+    out: dict[str, Path] = {}
+    for folder in SUITES_DIRS:
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else ():
+            out.setdefault(path.stem, path)
+    return out
+
+
+def find_suite(name_or_path: str | Path) -> Path:
+    """A suite file: a path that exists, else a shipped suite's name (``smoke``, ``default``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_suites()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise BenchError(f"--config {name_or_path}: no such file and no shipped suite of that name "
+                     f"(shipped: {', '.join(shipped) or 'none found'})")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -217,9 +259,19 @@ def load_suite(path: str | Path) -> Suite:
             raise BenchError(f"{path}: threat_models.{label}.setting must be one of {SETTINGS}")
         check_budgets(path, label, opts)
     data = dict(raw["data"])
-    for key in ("sources", "targets") if "dataset" not in data else ():  # or a dataset plugin (pipeline.dataset_pairs)
-        if key not in data:
-            raise BenchError(f"{path}: data.{key} is required (or data.dataset: a registered dataset)")
+    kinds = [k for k in (data_spec.IMAGE_SET, "dataset", "sources") if k in data]
+    if len(kinds) > 1 and kinds != ["sources"]:
+        raise BenchError(f"{path}: data names {' and '.join(kinds)}; give one of images: NAME (a fetched image set), "
+                         "dataset: NAME (a dataset plugin) or sources/targets folders")
+    if data_spec.IMAGE_SET in data:
+        if data[data_spec.IMAGE_SET] not in image_sets.known():
+            raise BenchError(f"{path}: data.images {data[data_spec.IMAGE_SET]!r} is not a known image set "
+                             f"(known: {', '.join(image_sets.known())})")
+    elif "dataset" not in data:  # two folders (or a dataset plugin: pipeline.dataset_pairs)
+        for key in data_spec.FOLDER_KEYS:
+            if key not in data:
+                raise BenchError(f"{path}: data.{key} is required (or data.images: a fetched image set such as "
+                                 "paper-images, or data.dataset: a registered dataset)")
     for label, opts in threats.items():
         if any(key in opts for key in SURROGATE_KEYS):
             resolve_surrogate(path, label, opts, models, defenses, data)

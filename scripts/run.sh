@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up the environment if needed, then run the default benchmark suite
-# (configs/default.yaml); results are cached in results/, leaderboards go to
+# (the shipped suite `default`, configs/default.yaml); results are cached in results/, leaderboards go to
 # leaderboards/default/ and figures to imgs/. Extra arguments go to `iwmf-bench run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

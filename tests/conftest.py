@@ -39,3 +39,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def paper_images_cached():
+    """The shipped suites name the fetched image set ``paper-images``: make sure the cache
+    holds it (scripts/setup.sh fetches it; a run of the tests alone takes it from ../shared)."""
+    from iwmf_bench import image_sets
+    from iwmf_bench.errors import BenchError
+
+    try:
+        image_sets.verified("paper-images")
+    except BenchError:
+        if SHARED_IMGS.is_dir():
+            image_sets.fetch("paper-images", from_dir=SHARED_IMGS, progress=False)
+
+
+def make_tarball(path: Path, members: dict[str, bytes]) -> Path:
+    """A gzipped tarball holding ``members`` (name -> bytes), laid out as `npm pack` writes them."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

@@ -26,7 +26,7 @@ from iwmf_bench.metrics import far_frr, pair_scores, roc_auc
 from iwmf_bench.models.faceres import CHECKPOINT, NPM, FaceRes
 from iwmf_bench.npm_weights import verified_files
 from iwmf_bench.tfjs import read_weights
-from conftest import align_shared_pairs
+from conftest import align_shared_pairs, make_tarball
 
 PAIRS = 8  # APGD pairs in the test (the 20-pair figure is in the notes/README)
 STEPS = 10
@@ -107,13 +107,6 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def _tarball(path, members):
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def _integrity(path):
@@ -126,7 +119,7 @@ def fake_package(tmp_path, monkeypatch):
     registry entry patched to pin its integrity and the files' sha256."""
     files = {"package/models/faceres.json": b'{"format": "graph-model"}' + b" " * 100,
              "package/models/faceres.bin": bytes(range(256)) * 40}
-    tgz = _tarball(tmp_path / "pkg.tgz", {**files, "package/../../evil.txt": b"x", "package/package.json": b"{}"})
+    tgz = make_tarball(tmp_path / "pkg.tgz", {**files, "package/../../evil.txt": b"x", "package/package.json": b"{}"})
     npm = dataclasses.replace(NPM, integrity=_integrity(tgz), members=tuple(
         (m, m.rsplit("/", 1)[1], hashlib.sha256(d).hexdigest()) for m, d in files.items()))
     ckpt = dataclasses.replace(weights.CHECKPOINTS[CHECKPOINT], extra={"npm": npm}, size=None,

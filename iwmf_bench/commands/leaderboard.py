@@ -9,8 +9,7 @@ from ..errors import BenchError
 from ..leaderboard import check as compare
 from ..publish import publish
 from ..runner import run_cells
-from ..suite import load_suite, validate
-from .run import add_suite_options, locate_config
+from .run import add_suite_options, load_checked_suite
 
 
 def register(sub):
@@ -30,8 +29,7 @@ def register(sub):
 
 
 def render(args) -> int:
-    suite = load_suite(locate_config(args.config))
-    validate(suite)
+    suite = load_checked_suite(args.config)
     records = run_cells(suite.cells(), args.results, args.executor, args.ray_address, progress=not args.no_progress)
     for path in publish(suite, records, args.leaderboards or f"leaderboards/{suite.name}", args.imgs, args.results):
         print(f"wrote {path}")
@@ -39,8 +37,7 @@ def render(args) -> int:
 
 
 def check(args) -> int:
-    suite = load_suite(locate_config(args.config))
-    validate(suite)
+    suite = load_checked_suite(args.config)
     atol = args.atol if args.atol is not None else float(suite.check.get("atol", 0.0))
     committed = args.leaderboards or f"leaderboards/{suite.name}"
     # A fresh cache unless told otherwise: the point is to recompute the numbers.

@@ -9,9 +9,9 @@ from ..devices import resolve_device
 from ..errors import BenchError
 from ..publish import publish
 from ..runner import run_cells
-from ..suite import load_suite, parse_shard, validate
+from ..suite import check_data, find_suite, load_suite, parse_shard, validate
 
-DEFAULT_CONFIG = "configs/default.yaml"
+DEFAULT_CONFIG = "default"  # the shipped default suite (configs/default.yaml in the source tree)
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -19,7 +19,9 @@ def _names(text: str | None) -> list[str] | None:
 
 
 def add_suite_options(p, executor=True):
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"suite YAML (default {DEFAULT_CONFIG})")
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help=f"a suite YAML file, or the name of a shipped suite (default, smoke, extended, paper); "
+                   f"default {DEFAULT_CONFIG}. Relative data paths in a suite resolve against its file's folder")
     p.add_argument("--results", default="results", help="result cache folder (default ./results)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     if executor:
@@ -41,16 +43,17 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def locate_config(path: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise BenchError(f"config {p} not found (run from the repository root, or pass --config FILE)")
-    return p
+def load_checked_suite(config: str):
+    """The suite named by ``--config``, validated, with every data path and image set it
+    names checked before anything runs (one line and exit 2 when one is missing)."""
+    suite = load_suite(find_suite(config))
+    validate(suite)
+    check_data(suite)
+    return suite
 
 
 def run(args) -> int:
-    suite = load_suite(locate_config(args.config))
-    validate(suite)
+    suite = load_checked_suite(args.config)
     filters = (_names(args.models), _names(args.defenses), _names(args.attacks))
     if not args.all and not any(filters):
         raise BenchError("say which cells to run: --all, or filters --models/--defenses/--attacks")
@@ -61,8 +64,9 @@ def run(args) -> int:
     if args.executor == "local":  # on Ray the workers' devices count, checked per cell
         resolve_device(cells[0].device)
     records = run_cells(cells, args.results, args.executor, args.ray_address, progress=not args.no_progress)
-    summary = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "error")}
-    print(f"{len(records)} cells: {summary['ok']} ok, {summary['skipped']} skipped, {summary['error']} errors "
+    summary = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "n/a", "error")}
+    na = f", {summary['n/a']} n/a" if summary["n/a"] else ""
+    print(f"{len(records)} cells: {summary['ok']} ok, {summary['skipped']} skipped{na}, {summary['error']} errors "
           f"(results in {Path(args.results) / suite.name})")
     if shard is None and not any(filters):
         out = args.leaderboards or f"leaderboards/{suite.name}"

@@ -44,6 +44,9 @@ class Dataset:
     """
 
     registered_name = ""
+    #: Options that name files or folders: a suite's relative paths there resolve against
+    #: the suite file's folder (:mod:`iwmf_bench.pipeline.data_spec`). Plugins list theirs.
+    path_options: tuple[str, ...] = ()
     names: list[str]
     labels: list[int | None]
     options: dict[str, Any]

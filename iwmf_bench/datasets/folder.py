@@ -19,6 +19,7 @@ class FolderDataset(Dataset):
     """
 
     registered_name = "folder"
+    path_options = ("sources", "targets")
 
     def __init__(self, sources: str, targets: str):
         self.options = {"sources": str(Path(sources).resolve()), "targets": str(Path(targets).resolve())}

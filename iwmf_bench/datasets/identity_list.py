@@ -19,6 +19,7 @@ class IdentityList(Dataset):
     """
 
     registered_name = "identity-list"
+    path_options = ("root", "identity_file")
 
     def __init__(self, root: str, identity_file: str, pairs: int = 3000, seed: int = 0):
         root_path, id_path = Path(root), Path(identity_file)

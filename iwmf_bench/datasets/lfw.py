@@ -58,6 +58,7 @@ class LFW(Dataset):
     """
 
     registered_name = "lfw"
+    path_options = ("root", "pairs_file")
 
     def __init__(self, root: str, pairs_file: str | None = None, ext: str = "jpg"):
         root_path = Path(root)

@@ -74,6 +74,7 @@ class VerificationBin(Dataset):
     """
 
     registered_name = "verification-bin"
+    path_options = ("path",)
 
     def __init__(self, path: str):
         p = Path(path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import __version__
@@ -36,13 +36,24 @@ class Cell:
     evaluation: dict
     seed: int
     device: str
+    # The suite file's folder, where the data's relative paths resolve (pipeline.data_spec).
+    # A machine path: never part of the key or the record (to_dict), so a suite gives the
+    # same cells from any folder; it travels to workers with :meth:`transport`.
+    root: str = field(default="", compare=False)
 
     @property
     def name(self) -> str:
         return f"{self.model}/{self.defense}/{self.threat}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The cell's identity as recorded (without the machine-local ``root``)."""
+        out = asdict(self)
+        out.pop("root")
+        return out
+
+    def transport(self) -> dict[str, Any]:
+        """Everything needed to rebuild the cell on another process: ``Cell(**transport())``."""
+        return {**self.to_dict(), "root": self.root}
 
     @property
     def key(self) -> str:
@@ -55,7 +66,7 @@ class Cell:
         """This cell with some fields replaced: the identity of a stage's result that is
         shared by several cells (e.g. ``defense="-"`` for transfer images, which every
         defense of a model shares)."""
-        return Cell(**{**self.to_dict(), **changes})
+        return Cell(**{**self.transport(), **changes})
 
     @property
     def missing_requirement(self) -> str | None:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from ..devices import resolve_device
 from ..errors import BenchError, MissingExtraError, NotApplicableError, WeightsError
 from .build import build_defense, build_model, check_applicable, missing_weights
+from . import data_spec
 from .cell import Cell
 from .craft import Adaptive, Clean, Crafter, CraftTask, Transfer
 from .dataset_pairs import DatasetPairs
@@ -30,7 +31,8 @@ from .threshold import with_threshold
 
 def pair_source(cell: Cell) -> PairSource:
     """Stage 1's implementation: a dataset plugin when ``data.dataset`` names one, else two folders."""
-    return DatasetPairs(cell.data, cell.seed) if "dataset" in cell.data else FolderPairs(cell.data)
+    data = data_spec.resolve(cell.data, cell.root)
+    return DatasetPairs(data, cell.seed) if "dataset" in data else FolderPairs(data)
 
 
 def crafter(cell: Cell) -> Crafter:

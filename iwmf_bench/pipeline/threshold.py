@@ -15,6 +15,7 @@ from typing import Any
 from ..calibration import cached_calibration
 from ..errors import BenchError
 from ..util import factory_options
+from . import data_spec
 from .cell import Cell
 from .dataset_pairs import dataset_options
 
@@ -62,11 +63,13 @@ def with_threshold(cell: Cell, model) -> tuple[Any, dict | None]:
     if isinstance(spec, (int, float)):
         view.threshold = float(spec)
         return view, {"value": float(spec), "source": "fixed in the suite"}
-    name, opts, align = calibration_dataset(spec, cell.data)
+    data = data_spec.resolve(cell.data, cell.root)
+    name, opts, align = calibration_dataset(spec, data)
+    opts = data_spec.resolve_mapping(opts, name, cell.root)
     model_opts = {k: v for k, v in factory_options(cell.model_options).items() if k != "threshold"}
     rec = cached_calibration(model, cell.model, model_opts, name, opts, float(spec["far"]), align=align,
                              device=cell.device, seed=int(spec.get("seed", 0)), progress=False,
-                             drop_no_face=bool(cell.data.get("drop_no_face", False)))
+                             drop_no_face=bool(data.get("drop_no_face", False)))
     view.threshold = float(rec["threshold"])
     lo, hi = rec["threshold_ci95"]
     return view, {"value": rec["threshold"], "ci95": [lo, hi], "far_target": rec["far_target"],
