@@ -9,7 +9,8 @@ import torch
 
 from . import roc
 from .data import to_uint8
-from .leaderboard import first_per_defense, success
+from .leaderboard import budget_order, first_per_defense, success, worst_case
+from .pipeline.outcome import metrics_of
 from .suite import Suite
 
 
@@ -27,7 +28,9 @@ def save_figure(fig, path: str | Path) -> Path:
 
 def far_plot(suite: Suite, records: list[dict], path: str | Path) -> Path | None:
     """Grouped bars: FAR (single-shot, with 95% intervals) per threat model and defense,
-    one panel per model. Returns None when no cell finished."""
+    one panel per model, the worst case over the threat models of each budget first (the
+    leaderboard's ranking columns, :func:`~iwmf_bench.leaderboard.worst_case`). Returns
+    None when no cell finished."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,23 +42,35 @@ def far_plot(suite: Suite, records: list[dict], path: str | Path) -> Path | None
         return None
     threats = [t for t in suite.columns() if suite.shown(t) and any(r["cell"]["threat"] == t for r in ok)]
     defenses = [d for d in suite.defenses if any(r["cell"]["defense"] == d for r in ok)]
-    fig, axes = plt.subplots(len(models), 1, figsize=(1.6 + 1.3 * len(threats), 3.2 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 1, figsize=(1.6 + 1.3 * (len(threats) + 1), 3.2 * len(models)),
+                             squeeze=False)
     width = 0.8 / max(1, len(defenses))
     for ax, model in zip(axes[:, 0], models):
+        worst = {d: worst_case([r for r in ok if r["cell"]["model"] == model and r["cell"]["defense"] == d])
+                 for d in defenses}
+        budgets = sorted({b for w in worst.values() for b in w}, key=budget_order)
+        columns = [f"worst case {b}" for b in budgets] + threats
         for j, d in enumerate(defenses):
             xs, ys, lo, hi = [], [], [], []
-            for i, t in enumerate(threats):
-                r = next((r for r in ok if r["cell"]["model"] == model and r["cell"]["defense"] == d
-                          and r["cell"]["threat"] == t), None)
-                if r is None:
-                    continue
-                far = success(r)
+            for i, column in enumerate(columns):
+                if i < len(budgets):
+                    if budgets[i] not in worst[d]:
+                        continue
+                    value, (low, high) = worst[d][budgets[i]]["value"], worst[d][budgets[i]]["ci95"]
+                else:
+                    r = next((r for r in ok if r["cell"]["model"] == model and r["cell"]["defense"] == d
+                              and r["cell"]["threat"] == column), None)
+                    if r is None:
+                        continue
+                    value, (low, high) = success(r).value, success(r).interval
                 xs.append(i + (j - (len(defenses) - 1) / 2) * width)
-                ys.append(100 * far["value"])
-                lo.append(max(0.0, 100 * (far["value"] - far["ci95"][0])))
-                hi.append(max(0.0, 100 * (far["ci95"][1] - far["value"])))
+                ys.append(100 * value)
+                lo.append(max(0.0, 100 * (value - low)))
+                hi.append(max(0.0, 100 * (high - value)))
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=d)
-        ax.set_xticks(range(len(threats)), threats, rotation=20, ha="right", fontsize=8)
+        if budgets:
+            ax.axvline(len(budgets) - 0.5, color="grey", lw=0.6, ls=":")
+        ax.set_xticks(range(len(columns)), columns, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("FAR %")
         ax.set_ylim(0, 105)
         ax.set_title(f"{model} ({suite.name} suite)", fontsize=10)
@@ -101,11 +116,11 @@ def roc_plots(suite, records: list[dict], imgs) -> list:
             continue
         fig, ax = plt.subplots(figsize=(4.8, 4))
         for defense, m in per.items():
-            far, tar, _ = roc.roc_curve(torch.tensor(m["clean"]["genuine_scores"]),
-                                        torch.tensor(m["clean"]["impostor_scores"]), m["metric"])
+            far, tar, _ = roc.roc_curve(torch.tensor(m.clean["genuine_scores"]),
+                                        torch.tensor(m.clean["impostor_scores"]), m.metric)
             far = torch.cat([torch.zeros(1, dtype=far.dtype), far])
             tar = torch.cat([torch.zeros(1, dtype=tar.dtype), tar])
-            ax.step(far.numpy(), tar.numpy(), where="post", label=f"{defense} (AUC {m['clean']['auc']:.3f})")
+            ax.step(far.numpy(), tar.numpy(), where="post", label=f"{defense} (AUC {m.clean['auc']:.3f})")
         ax.set_xlabel("FAR (clean impostor pairs)")
         ax.set_ylabel("TAR (clean genuine pairs)")
         ax.set_xlim(0, 1)
@@ -139,8 +154,8 @@ def security_curves(suite: Suite, records: list[dict], imgs: str | Path) -> dict
             fig, ax = plt.subplots(figsize=(5.2, 3.8))
             for d, points in curves.items():
                 eps = [e for e, _ in points]
-                ax.plot(eps, [100 * r["value"] for _, r in points], marker="o", ms=3, label=d)
-                ax.fill_between(eps, [100 * r["ci95"][0] for _, r in points], [100 * r["ci95"][1] for _, r in points],
+                ax.plot(eps, [100 * r.value for _, r in points], marker="o", ms=3, label=d)
+                ax.fill_between(eps, [100 * r.interval[0] for _, r in points], [100 * r.interval[1] for _, r in points],
                                 alpha=0.12)
             opts = suite.threat_models[threat]
             ax.set_xlabel(f"budget eps ({opts.get('norm', 'Linf')})")
@@ -165,7 +180,7 @@ def minimal_budget_curve(suite: Suite, model: str, threat: str, ok: dict, imgs: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per = {d: ok[(model, d, threat)]["metrics"]["min_eps"] for d in suite.defenses if (model, d, threat) in ok}
+    per = {d: metrics_of(ok[(model, d, threat)]).min_eps for d in suite.defenses if (model, d, threat) in ok}
     if not per:
         return None
     opts = suite.threat_models[threat]

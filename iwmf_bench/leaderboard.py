@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,30 +19,153 @@ from typing import Any
 from tabulate import tabulate
 
 from .attacks.base import blackbox_beats_whitebox
-from .metrics import Rate
+from .metrics import Rate, wilson_interval
+from .paired import BOOTSTRAP, MIN_IDENTITIES, compare, identity_interval, ranking
+from .pipeline.outcome import CellMetrics, metrics_of
 from .suite import Suite
 from .util import write_json_atomic
 
-# Rates the check compares (a dodging cell has dodging_success* instead of far*).
-CHECKED = ("far", "far_worst_of_n", "dodging_success", "dodging_success_worst_of_n", "frr_genuine",
-           "frr_adv_true_identity")
 
 
-def _pct(rate: dict) -> str:
-    lo, hi = rate["ci95"]
-    return f"{100 * rate['value']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+def checked_rates(m: CellMetrics) -> dict[str, float]:
+    """The rates the regression check compares, by their names in the JSON (a dodging
+    cell's success rates are ``dodging_success*``)."""
+    return {m.rate_name: m.success.value, f"{m.rate_name}_worst_of_n": m.success_worst_of_n.value,
+            "frr_genuine": m.frr_genuine.value, "frr_adv_true_identity": m.frr_adv_true_identity.value}
 
 
-def success(record: dict) -> dict:
+def _pct(rate: Rate | dict) -> str:
+    """``12.5 [4, 30]``: a rate (or a worst case's dict) in % with its 95% interval."""
+    value, (lo, hi) = (rate.value, rate.interval) if isinstance(rate, Rate) else (rate["value"], rate["ci95"])
+    return f"{100 * value:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def success(record: dict) -> Rate:
     """The attack's success rate of a cell: its FAR (impersonation), or the rate of
     probes rejected against their own identity (``goal: dodging``)."""
-    m = record["metrics"]
-    return m["far"] if "far" in m else m["dodging_success"]
+    return metrics_of(record).success
+
+
+def budget_of(record: dict) -> str | None:
+    """The budget a cell's attack works under (``Linf 0.03``), or None (clean, dodging)."""
+    t = record["cell"]["threat_options"]
+    if not t.get("attack") or t.get("goal", "impersonation") != "impersonation" or t.get("eps") is None:
+        return None
+    return f"{t.get('norm', 'Linf')} {t['eps']:g}"
+
+
+def worst_case(records: list[dict]) -> dict[str, dict]:
+    """Per budget, the AutoAttack-style worst case of one (model, defense) over the suite's
+    threat models at that budget, from the cells' per-pair records: a pair counts as broken
+    single-shot with the largest fraction of accepted draws any threat model reached on it
+    (the mean of those maxima is the rate), and worst-of-N when any threat model got it
+    accepted in any draw. The union over pairs, not the largest column."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        if r["status"] == "ok" and (budget := budget_of(r)) is not None:
+            groups.setdefault(budget, []).append(r)
+    out = {}
+    for budget, cells in groups.items():
+        per = [metrics_of(c).per_pair for c in cells]
+        if len({len(p.successes) for p in per}) != 1:
+            continue  # over other pairs (cannot happen within one suite's data)
+        n = len(per[0].successes)
+        fractions = [[k / p.draws for k in p.successes] for p in per]
+        single = [max(f[i] for f in fractions) for i in range(n)]
+        broken = [any(p.successes[i] > 0 for p in per) for i in range(n)]
+        lo, hi = wilson_interval(sum(single), n)
+        by_identity = identity_interval(single, per[0].probe_identity)
+        out[budget] = {"value": sum(single) / n, "ci95": list(by_identity or (lo, hi)),
+                       "interval": "bootstrap over identities" if by_identity else "Wilson over pairs",
+                       "ci95_pairs": [lo, hi], "pairs": n, "threats": sorted(c["cell"]["threat"] for c in cells),
+                       "worst_of_n": Rate(sum(broken), n).to_dict(), "per_pair_single": single,
+                       "per_pair_broken": broken}
+    return out
+
+
+def per_pair_success(record: dict) -> list[float]:
+    """A finished cell's per-pair success fractions (accepted draws / draws)."""
+    p = metrics_of(record).per_pair
+    return [k / p.draws for k in p.successes]
+
+
+def cell_display(record: dict) -> str:
+    """A cell's rate with its interval: over identities where the data has enough of them
+    (:func:`~iwmf_bench.paired.identity_interval`), else the Wilson interval of its Rate."""
+    m = metrics_of(record)
+    by_identity = identity_interval(per_pair_success(record), m.per_pair.probe_identity)
+    return _pct({"value": m.success.value, "ci95": by_identity} if by_identity else m.success)
+
+
+def paired_rankings(records: list[dict], columns: list[str], worst: dict[str, dict]) -> dict[str, dict]:
+    """Per column (the worst case of each budget, then each threat model): the defenses'
+    paired ranking (:func:`~iwmf_bench.paired.ranking`) and every pairwise sign test."""
+    out = {}
+    for column in columns:
+        if column.startswith("worst case "):
+            budget = column.removeprefix("worst case ")
+            per = {d: w[budget]["per_pair_single"] for d, w in worst.items() if budget in w}
+        else:
+            per = {r["cell"]["defense"]: per_pair_success(r) for r in records
+                   if r["status"] == "ok" and r["cell"]["threat"] == column}
+        if len(per) >= 2:
+            out[column] = {"ranking": ranking(per), "tests": [c.to_dict() for c in compare(per)]}
+    return out
+
+
+def identity_note(records: list[dict]) -> str | None:
+    """One line when the pairs share too few identities for intervals over identities."""
+    ok = [r for r in records if r["status"] == "ok"]
+    if not ok:
+        return None
+    p = metrics_of(ok[0]).per_pair
+    sources, targets = len(set(p.probe_identity)), len(set(p.reference_identity))
+    if sources >= MIN_IDENTITIES:
+        return (f"intervals: percentile bootstrap over the {sources} source identities ({BOOTSTRAP} resamples, "
+                "seed 0): pairs of one identity are not independent")
+    return (f"intervals and paired tests treat the {len(p.successes)} pairs as independent, but they come from "
+            f"{sources} source and {targets} target identit{'y' if targets == 1 else 'ies'}: too few (under "
+            f"{MIN_IDENTITIES}) for a bootstrap over identities, so differences between defenses generalize to "
+            "these faces, not to faces at large")
+
+
+def budget_order(budget: str) -> tuple:
+    norm, eps = budget.split()
+    return (norm != "Linf", -float(eps))  # Linf first, the largest budget first
 
 
 def cell_file(record: dict) -> str:
     c = record["cell"]
     return f"{c['model']}__{c['defense']}__{c['threat']}.json"
+
+
+def provenance(cells: list, committed_dir: str | Path) -> list[str]:
+    """Committed cells that the current code would not have computed, without computing
+    anything: a cell's key hashes its config and the fingerprints of the code it runs
+    (:meth:`~iwmf_bench.pipeline.cell.Cell.code`), so a committed key that differs from the
+    current one names what changed: a component's code, the pipeline's, or the config."""
+    committed_dir = Path(committed_dir) / "cells"
+    committed = {p.name: json.loads(p.read_text()) for p in sorted(committed_dir.glob("*.json"))}
+    if not committed:
+        return [f"no committed cells in {committed_dir}; render the leaderboard first"]
+    current = {cell_file({"cell": c.to_dict()}): c for c in cells}
+    problems = []
+    for name, old in committed.items():
+        cell = current.get(name)
+        if cell is None:
+            problems.append(f"{old['name']}: committed but no longer a cell of the suite")
+            continue
+        if old.get("key") == cell.key:
+            continue
+        before, now = old.get("code"), cell.code()
+        if before is None:
+            problems.append(f"{old['name']}: computed before cells recorded their code; recompute it")
+            continue
+        changed = [f"{part} ({now[part] if part in now else '-'} was {before.get(part, '-')})"
+                   for part in sorted(set(now) | set(before)) if now.get(part) != before.get(part)]
+        what = f"code changed: {', '.join(changed)}" if changed else "its config changed"
+        problems.append(f"{old['name']}: {what}; recompute it (iwmf-bench leaderboard render)")
+    return problems
 
 
 def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
@@ -56,7 +180,10 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
         threats = [t for t in all_threats if any(k[0] == m and k[2] == t for k in by)]
         goals = {label: opts.get("goal") for t in suite.threat_models for label, opts in suite.budgets(t)}
         rate = lambda t: "dodging" if goals[t] == "dodging" else "FAR"  # noqa: E731
-        headers = ["defense", "FRR genuine %"] + [f"{rate(t)} {t} %" for t in threats] + ["s/img"]
+        worst = {d: worst_case([by[k] for k in by if k[0] == m and k[1] == d]) for d in defenses}
+        budgets = sorted({b for w in worst.values() for b in w}, key=budget_order)
+        headers = (["defense", "FRR genuine %"] + [f"worst case {b} %" for b in budgets]
+                   + [f"{rate(t)} {t} %" for t in threats] + ["s/img"])
         rows, raw = [], []
         # Cells whose adaptive attack falls below transfer: marked "(!)", explained in the notes.
         suspicious = {(d, t) for d, t, _ in adaptive_below_transfer([by[k] for k in by if k[0] == m])}
@@ -64,24 +191,25 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
         for d in defenses:
             cells = [by.get((m, d, t)) for t in threats]
             ok = [c for c in cells if c and c["status"] == "ok"]
-            first = ok[0]["metrics"] if ok else None
-            row = [d, _pct(first["frr_genuine"]) if first else "skipped"]
-            raw_row = {"defense": d, "frr_genuine": first["frr_genuine"] if first else None,
-                       "far": {}, "seconds_per_image": first["seconds_per_image"] if first else None}
+            first = metrics_of(ok[0]) if ok else None
+            row = [d, _pct(first.frr_genuine) if first else "skipped"]
+            row += [_pct(worst[d][b]) if b in worst[d] else "" for b in budgets]
+            raw_row = {"defense": d, "frr_genuine": first.frr_genuine.to_dict() if first else None,
+                       "worst_case": worst[d], "far": {},
+                       "seconds_per_image": first.seconds_per_image if first else None}
             for t, c in zip(threats, cells):
                 if c is None:
                     row.append("")
                 elif c["status"] == "ok":
-                    row.append(_pct(success(c)) + (" (!)" if (d, t) in suspicious else ""))
-                    raw_row["far"][t] = success(c)
+                    row.append(cell_display(c) + (" (!)" if (d, t) in suspicious else ""))
+                    raw_row["far"][t] = success(c).to_dict()
                 else:
-                    not_applicable = c.get("reason", "").startswith("not applicable")
-                    row.append("n/a" if not_applicable else c["status"])
-                    where = d if c["status"] == "skipped" and not not_applicable else f"{d}/{t}"
+                    row.append(c["status"])  # skipped, n/a (the threat model does not apply), error
+                    where = d if c["status"] == "skipped" else f"{d}/{t}"
                     cells_with = reasons.setdefault(f"{c['status']}: {c.get('reason', '')}", [])
                     if where not in cells_with:
                         cells_with.append(where)
-            row.append(f"{first['seconds_per_image']:.4f}" if first else "")
+            row.append(f"{first.seconds_per_image:.4f}" if first else "")
             rows.append(row)
             raw.append(raw_row)
         notes = [f"{reason.split(': ', 1)[0]} ({', '.join(where)}): {reason.split(': ', 1)[1]}"
@@ -90,9 +218,24 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
         notes += sanity_notes([by[k] for k in by if k[0] == m])
         notes += dataset_notes([by[k] for k in by if k[0] == m])  # threshold source, clean ROC (datasets)
         # The Markdown table shows one budget of each sweep; CSV and JSON keep them all.
-        shown = [0, 1] + [2 + i for i, t in enumerate(threats) if suite.shown(t)] + [len(headers) - 1]
-        out[m] = {"headers": headers, "rows": rows, "raw": raw, "notes": notes,
-                  "md_headers": [headers[i] for i in shown], "md_rows": [[row[i] for i in shown] for row in rows]}
+        # Rows sorted by the first worst-case column (lowest FAR first; skipped rows last).
+        if budgets:
+            order = sorted(range(len(rows)), key=lambda i: worst[raw[i]["defense"]].get(budgets[0], {}).get("value", 2.0))
+            rows, raw = [rows[i] for i in order], [raw[i] for i in order]
+            notes.insert(0, f"worst case {budgets[0]} (first column, rows sorted by it): per pair, the best of "
+                         f"{', '.join(worst[raw[0]['defense']][budgets[0]]['threats'])} (AutoAttack's rule: "
+                         "a pair is robust only if every threat model at that budget fails on it)")
+        w = len(budgets)
+        shown = [0, 1] + [2 + i for i in range(w)] + [2 + w + i for i, t in enumerate(threats) if suite.shown(t)] \
+            + [len(headers) - 1]
+        model_records = [by[k] for k in by if k[0] == m]
+        paired = paired_rankings(model_records, [f"worst case {b}" for b in budgets] + threats,
+                                 {d: worst[d] for d in defenses})
+        if (line := identity_note(model_records)) is not None:
+            notes.append(line)
+        out[m] = {"headers": headers, "rows": rows, "raw": raw, "notes": notes, "paired": paired,
+                  "md_headers": [headers[i] for i in shown], "md_rows": [[row[i] for i in shown] for row in rows],
+                  "md_paired": [c for c in paired if c.startswith("worst case ") or suite.shown(c)]}
     return out
 
 
@@ -100,10 +243,8 @@ def minimal_budget_notes(records: list[dict]) -> list[str]:
     """Minimal-budget threats (``min-eps``): each defense's median smallest breaking budget."""
     notes = []
     for r in records:
-        m = r.get("metrics") or {}
-        if r["status"] != "ok" or "min_eps" not in m:
+        if r["status"] != "ok" or (b := metrics_of(r).min_eps) is None:
             continue
-        b = m["min_eps"]
         fmt = lambda v: "inf" if v is None else f"{v:.4g}"  # noqa: E731  (None: not broken within eps)
         notes.append(f"minimal budget ({r['cell']['defense']}/{r['cell']['threat']}, "
                      f"{r['cell']['threat_options'].get('norm', 'Linf')}): median {fmt(b['median'])} "
@@ -120,7 +261,8 @@ def sanity_notes(records: list[dict]) -> list[str]:
     ok = [r for r in records if r["status"] == "ok"]
     notes = []
     for r in ok:
-        raised = [name for name, on in (r["metrics"].get("flags") or {}).items() if on]
+        attack = metrics_of(r).attack
+        raised = [name for name, on in (attack.flags if attack else {}).items() if on]
         if raised:
             notes.append(f"sanity ({r['cell']['defense']}/{r['cell']['threat']}): attack flagged "
                          f"{', '.join(raised)}")
@@ -132,20 +274,21 @@ def sanity_notes(records: list[dict]) -> list[str]:
         for white in ok:
             if _kind(white) == ("apgd", setting, norm, eps) and white["cell"]["defense"] == black["cell"]["defense"]:
                 b, w = success(black), success(white)
-                if blackbox_beats_whitebox(Rate(b["k"], b["n"]), Rate(w["k"], w["n"])):
+                if blackbox_beats_whitebox(Rate(b.k, b.n), Rate(w.k, w.n)):
                     notes.append(f"sanity ({black['cell']['defense']}): black-box {black['cell']['threat']} "
-                                 f"({100 * b['value']:.1f}%) beats white-box {white['cell']['threat']} "
-                                 f"({100 * w['value']:.1f}%): check the white-box attack or gradient masking")
+                                 f"({100 * b.value:.1f}%) beats white-box {white['cell']['threat']} "
+                                 f"({100 * w.value:.1f}%): check the white-box attack or gradient masking")
     notes += [text for _, _, text in adaptive_below_transfer(ok)]
     notes += weaker_than_reference(ok)
     return notes
 
 
-def first_per_defense(records: list[dict], key: str) -> dict[str, dict]:
-    out: dict[str, dict] = {}
+def first_per_defense(records: list[dict], field: str) -> dict[str, CellMetrics]:
+    """Per defense, the metrics of its first finished cell where ``field`` is set."""
+    out: dict[str, CellMetrics] = {}
     for r in records:
-        if r["status"] == "ok" and key in r["metrics"]:
-            out.setdefault(r["cell"]["defense"], r["metrics"])
+        if r["status"] == "ok" and getattr(m := metrics_of(r), field):
+            out.setdefault(r["cell"]["defense"], m)
     return out
 
 
@@ -154,12 +297,11 @@ def dataset_notes(records: list[dict]) -> list[str]:
     (nothing for folder suites with the model's default threshold)."""
     notes = []
     for m in first_per_defense(records, "threshold_source").values():
-        sign = ">=" if m["metric"] == "cosine" else "<="
-        notes.append(f"threshold {m['threshold']:.6g} ({m['metric']}, accept {sign}): "
-                     f"{m['threshold_source']['source']}")
+        sign = ">=" if m.metric == "cosine" else "<="
+        notes.append(f"threshold {m.threshold:.6g} ({m.metric}, accept {sign}): {m.threshold_source['source']}")
         break
     for defense, m in first_per_defense(records, "clean").items():
-        c = m["clean"]
+        c = m.clean
         parts = []
         for far, t in c["tar_at_far"].items():
             parts.append(f"TAR@FAR={far} {100 * t['tar']['value']:.1f}%" if t["supported"]
@@ -167,7 +309,7 @@ def dataset_notes(records: list[dict]) -> list[str]:
         notes.append(f"clean pairs ({defense}, {c['genuine_pairs']} genuine / {c['impostor_pairs']} impostor, "
                      f"threshold per defense from its own ROC): {', '.join(parts)}, AUC {c['auc']:.4f}, "
                      f"EER {100 * c['eer']:.1f}%")
-    dropped = next((m["dropped_pairs_no_face"] for m in first_per_defense(records, "dropped_pairs_no_face").values()), 0)
+    dropped = next((m.dropped_pairs_no_face for m in first_per_defense(records, "dropped_pairs_no_face").values()), 0)
     if dropped:
         notes.append(f"{dropped} drawn pair(s) left out: no face found in one of their images (drop_no_face)")
     return notes
@@ -205,10 +347,10 @@ def weaker_than_reference(records: list[dict]) -> list[str]:
             if rfam != (fam[0], True) or not same or ref["cell"]["defense"] != ours["cell"]["defense"]:
                 continue
             o, r = success(ours), success(ref)
-            if o["ci95"][1] < r["ci95"][0]:
+            if o.interval[1] < r.interval[0]:
                 notes.append(f"sanity ({ours['cell']['defense']}): our {ours['cell']['threat']} "
-                             f"({100 * o['value']:.1f}%) is weaker than the reference {ref['cell']['threat']} "
-                             f"({100 * r['value']:.1f}%) beyond the 95% intervals")
+                             f"({100 * o.value:.1f}%) is weaker than the reference {ref['cell']['threat']} "
+                             f"({100 * r.value:.1f}%) beyond the 95% intervals")
     return notes
 
 
@@ -239,10 +381,10 @@ def adaptive_below_transfer(records: list[dict]) -> list[tuple[str, str, str]]:
                     or transfer["cell"]["threat_options"].get("surrogate"):  # cross-model: another question
                 continue
             a, t = success(adaptive), success(transfer)
-            if a["ci95"][1] < t["ci95"][0]:
+            if a.interval[1] < t.interval[0]:
                 flagged.append((defense, adaptive["cell"]["threat"],
-                                f"sanity ({defense}): adaptive {adaptive['cell']['threat']} ({100 * a['value']:.1f}%) "
-                                f"is below transfer {transfer['cell']['threat']} ({100 * t['value']:.1f}%) beyond the "
+                                f"sanity ({defense}): adaptive {adaptive['cell']['threat']} ({100 * a.value:.1f}%) "
+                                f"is below transfer {transfer['cell']['threat']} ({100 * t.value:.1f}%) beyond the "
                                 "95% intervals: check its gradients through the defense (broken or obfuscated) "
                                 "and its budget"))
     return flagged
@@ -258,7 +400,8 @@ def render(suite: Suite, records: list[dict], out_dir: str | Path,
     cells_dir = out_dir / "cells"
     for record in records:
         if record["status"] == "ok":
-            keep = {k: record[k] for k in ("key", "name", "cell", "metrics", "env", "seed", "status")}
+            keep = {k: record[k] for k in ("key", "name", "cell", "code", "metrics", "env", "seed", "status")
+                    if k in record}
             write_json_atomic(cells_dir / cell_file(record), keep)
     for model, t in tables(suite, records).items():
         md = [f"## {model} ({suite.name} suite)", "",
@@ -267,6 +410,12 @@ def render(suite: Suite, records: list[dict], out_dir: str | Path,
               "images of the same identity. s/img: purification seconds per image.", "",
               tabulate(t["md_rows"], headers=t["md_headers"], tablefmt="github"), ""]
         md += [f"- {n}" for n in t["notes"]]
+        if t["md_paired"]:
+            md += ["", "Paired comparisons on the same pairs (exact sign test on per-pair success fractions; "
+                   "McNemar's with one draw per pair): defenses from the lowest rate up, `<` where neighbours "
+                   "differ at p < 0.05, `~` where they do not (uncorrected for the number of tests; every "
+                   f"pairwise test is in `{model}.json`).", ""]
+            md += [f"- {c}: {t['paired'][c]['ranking']}" for c in t["md_paired"]]
         if suite.sweeps():
             md += ["", "Budget sweeps (`eps: [...]`) show one budget in the table (column `LABEL@EPS`); "
                    f"`{model}.csv` and `{model}.json` hold every budget."]
@@ -278,9 +427,19 @@ def render(suite: Suite, records: list[dict], out_dir: str | Path,
         csv.writer(buf).writerows([t["headers"], *t["rows"]])
         paths["csv"].write_text(buf.getvalue())
         write_json_atomic(paths["json"], {"suite": suite.name, "model": model, "rows": t["raw"],
-                                          "notes": t["notes"]})
+                                          "paired": t["paired"], "notes": t["notes"]})
         written += list(paths.values())
     return written
+
+
+def _why_moved(old: dict, new: dict) -> str:
+    """A code change or a machine change: the keys hash the code, the env says the machine."""
+    if old.get("key") != new.get("key"):
+        return "the code or config differs from the committed cell's (see leaderboard check --provenance)"
+    machine = lambda env: f"{env.get('cpu', '?')} ({env.get('cpu_capability', '?')}, {env.get('gpu', 'no GPU')})"  # noqa: E731
+    a, b = machine(old.get("env", {})), machine(new.get("env", {}))
+    return (f"same code; committed on {a}, now on {b}" if a != b
+            else f"same code and the same kind of machine ({a}): not expected, look for nondeterminism")
 
 
 def check(records: list[dict], committed_dir: str | Path, atol: float) -> list[str]:
@@ -297,11 +456,17 @@ def check(records: list[dict], committed_dir: str | Path, atol: float) -> list[s
             status = next((r["status"] for r in records if cell_file(r) == name), "not run")
             problems.append(f"{old['name']}: committed but now {status}")
             continue
-        for metric in (m for m in CHECKED if m in old["metrics"]):
-            a, b = old["metrics"][metric]["value"], new["metrics"][metric]["value"]
-            if abs(a - b) > atol:
+        try:
+            before = checked_rates(metrics_of(old))
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(f"{old['name']}: committed record is inconsistent: {exc}")
+            continue
+        now = checked_rates(metrics_of(new))
+        for metric, a in before.items():
+            b = now[metric]
+            if not (abs(a - b) <= atol or (math.isnan(a) and math.isnan(b))):  # NaN: a rate over no pairs
                 problems.append(f"{old['name']}: {metric} moved from {a:.4f} (committed) to {b:.4f} "
-                                f"(now), beyond tolerance {atol}")
+                                f"(now), beyond tolerance {atol}; {_why_moved(old, new)}")
     for name, new in fresh_ok.items():
         if name not in committed:
             problems.append(f"{new['name']}: ran but has no committed entry (re-render the leaderboard)")

@@ -93,15 +93,15 @@ def run_cells(cells: list[Cell], results_root: str | Path, executor: str = "loca
     bar = tqdm(total=len(cells) - len(skipped), initial=len(cells) - len(skipped) - len(todo), desc="suite",
                unit="cell", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     bar.set_postfix_str(f"{bar.n} cached, {len(skipped)} skipped")
-    by_reason: dict[str, list[str]] = {}
+    by_reason: dict[tuple[str, str], list[str]] = {}
     for cell in skipped:  # reported up front, one line per reason, outside the bar's rate and ETA
         records[cell.key] = record = run_cell(cell, results_root)
-        if record["status"] == "skipped":
-            by_reason.setdefault(record.get("reason", ""), []).append(record["name"])
+        if record["status"] in ("skipped", "n/a"):
+            by_reason.setdefault((record["status"], record.get("reason", "")), []).append(record["name"])
         else:
             _report(record, bar)
-    for reason, names in by_reason.items():
-        bar.write(f"skipped {len(names)} cell(s) ({_summary(names)}): {reason}", file=sys.stderr)
+    for (status, reason), names in by_reason.items():
+        bar.write(f"{status} {len(names)} cell(s) ({_summary(names)}): {reason}", file=sys.stderr)
     if executor == "local":
         Attack.progress = progress  # attack iterations show under the stage bar, as in `iwmf-bench attack`
         for cell in todo:

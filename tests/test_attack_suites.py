@@ -10,6 +10,7 @@ input diversity) and the AutoAttack tests on APGD-CE (random start).
 """
 
 import importlib.metadata
+import json
 import shutil
 import sys
 import tomllib
@@ -266,10 +267,18 @@ def test_square_eot_over_a_deterministic_defense_costs_one_query_per_step():
 
 
 def _record(defense, threat, options, k, n=20):
-    lo, hi = metrics.wilson_interval(k, n)
+    """A finished cell whose attack broke k of n pairs (one draw each)."""
+    from iwmf_bench.pipeline.outcome import CellMetrics, PerPair
+
+    rate = metrics.Rate(k, n)
+    per_pair = PerPair(draws=1, successes=[1] * k + [0] * (n - k), linf=None, l2=None, queries=None, min_eps=None,
+                       probe_identity=["25"] * n, reference_identity=["0"] * n, probe=None)
+    m = CellMetrics(goal="impersonation", success=rate, success_worst_of_n=rate, draws=1, pairs=n,
+                    frr_genuine=metrics.Rate(0, n), frr_adv_true_identity=metrics.Rate(0, n), seconds_per_image=0.0,
+                    threshold=0.6, metric="euclidean", per_pair=per_pair)
     return {"status": "ok", "cell": {"defense": defense, "threat": threat,
                                      "threat_options": {"setting": "transfer", "norm": "Linf", "eps": 0.03, **options}},
-            "metrics": {"far": {"k": k, "n": n, "value": k / n, "ci95": [lo, hi]}}}
+            "metrics": json.loads(json.dumps(m.to_dict()))}
 
 
 def test_leaderboard_flags_ours_weaker_than_the_reference():

@@ -352,7 +352,9 @@ def test_cross_model_transfer_on_a_dataset_suite(orthogonal_run, tmp_path):
 
     suite, by, _ = orthogonal_run
     m = by[("none", "apgd-photo")]["metrics"]
-    assert m["surrogate"] == "dlib-resnet" and m["photo_linf"] <= 0.03 + 1e-6
+    notes = m["attack"]["notes"]
+    assert notes["surrogate"] == "dlib-resnet" and notes["photo_linf"] <= 0.03 + 1e-6
+    assert m["per_pair"]["linf"] is None  # crafted on the photo: its budget is photo_linf
     assert m["pairs"] == 4 and m["far"]["k"] >= 3  # same model: the attack transfers to itself
     assert by[("iwmf", "apgd-photo")]["metrics"]["far_worst_of_n"]["n"] == 4
     render(suite, list(by.values()), tmp_path)

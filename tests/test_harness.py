@@ -38,13 +38,15 @@ check: {{atol: 0.0}}
 """
 
 
-TIMINGS = ("seconds_per_image", "attack_seconds_per_image")
-
-
 def numbers(records):
-    """Every metric of the finished cells except wall-clock timings."""
-    return {r["name"]: {k: v for k, v in r["metrics"].items() if k not in TIMINGS}
-            for r in records if r["status"] == "ok"}
+    """Every metric of the finished cells except wall-clock timings (purification's, and
+    the attack's in its facts)."""
+    def untimed(m):
+        out = {k: v for k, v in m.items() if k != "seconds_per_image"}
+        if "attack" in out:
+            out["attack"] = {k: v for k, v in out["attack"].items() if k != "seconds_per_image"}
+        return out
+    return {r["name"]: untimed(r["metrics"]) for r in records if r["status"] == "ok"}
 
 
 @pytest.fixture(scope="module")
@@ -131,50 +133,29 @@ def test_leaderboard_tables_and_check(tiny_run, tmp_path):
     assert "| none " in md and "| diffpure  | skipped" in md
     assert "- skipped (diffpure): weights for 'celeba-hq-ddpm' are not in the cache" in md
     csv_rows = (tmp_path / "lb" / "dlib-resnet.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("defense,FRR genuine %,FAR clean %,FAR apgd %")
+    # the worst case over the threat models of each budget comes first (the ranking column)
+    assert csv_rows[0].startswith("defense,FRR genuine %,worst case Linf 0.03 %,FAR clean %,FAR apgd %")
     assert len(list((tmp_path / "lb" / "cells").glob("*.json"))) == 4 and len(paths) == 3
     assert check(records, tmp_path / "lb", atol=0.0) == []
     # Alter one committed number: the check names the cell and both values.
     cell = tmp_path / "lb" / "cells" / "dlib-resnet__iwmf__apgd.json"
     data = json.loads(cell.read_text())
-    old = data["metrics"]["far"]["value"]
-    data["metrics"]["far"]["value"] = old - 0.25
+    far = data["metrics"]["far"]
+    old = far["value"]
+    far["k"] -= far["n"] // 4  # 12 = 4 pairs x 3 draws: 3 accepted draws fewer
+    far["value"] = far["k"] / far["n"]
     cell.write_text(json.dumps(data))
     problems = check(records, tmp_path / "lb", atol=0.13)
     assert len(problems) == 1 and problems[0].startswith("dlib-resnet/iwmf/apgd: far moved from")
     assert f"{old - 0.25:.4f}" in problems[0] and f"{old:.4f}" in problems[0]
-
-
-@pytest.fixture(scope="module")
-def smoke_check(tmp_path_factory):
-    """The CI regression: re-run the committed smoke suite and compare."""
-    results = tmp_path_factory.mktemp("smoke")
-    r = subprocess.run([EXE, "leaderboard", "check", "--config", "configs/smoke.yaml", "--results", str(results),
-                        "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    return r, results
-
-
-@pytest.mark.slow
-def test_smoke_leaderboard_check_passes(smoke_check):
-    r, _ = smoke_check
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "leaderboard check passed" in r.stdout
-
-
-@pytest.mark.slow
-def test_smoke_leaderboard_check_fails_on_altered_number(smoke_check, tmp_path):
-    _, results = smoke_check
-    committed = tmp_path / "committed"
-    shutil.copytree(ROOT / "leaderboards" / "smoke", committed)
-    cell = committed / "cells" / "dlib-resnet__iwmf-0.25__apgd-linf-transfer.json"
-    data = json.loads(cell.read_text())
-    data["metrics"]["frr_genuine"]["value"] += 0.5
+    # A record whose rate disagrees with its own count is named as such, not compared.
+    far["value"] = old
     cell.write_text(json.dumps(data))
-    r = subprocess.run([EXE, "leaderboard", "check", "--config", "configs/smoke.yaml", "--results", str(results),
-                        "--leaderboards", str(committed), "--no-progress"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 2
-    assert "dlib-resnet/iwmf-0.25/apgd-linf-transfer: frr_genuine moved from" in r.stderr
+    (problem,) = check(records, tmp_path / "lb", atol=0.13)
+    assert problem.startswith("dlib-resnet/iwmf/apgd: committed record is inconsistent: far")
+
+
+# The smoke leaderboard's regression check runs from an installed wheel: tests/test_newcomer.py.
 
 
 def test_third_party_plugin_is_listed_run_and_broken_one_skipped(tiny_config, tmp_path):
@@ -215,7 +196,13 @@ def test_ray_executor_gives_the_local_numbers(tiny_config, tiny_run, tmp_path):
                         "--no-progress"], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     suite = load_suite(tiny_config)
-    assert numbers(run_cells(suite.cells(), tmp_path / "r", progress=False)) == numbers(reference)
+    got, want = numbers(run_cells(suite.cells(), tmp_path / "r", progress=False)), numbers(reference)
+    # A worker runs one thread: its aligned probes differ from the 2-thread ones in the last
+    # float bits, and so do the per-pair distances to them (not the crafted images or rates).
+    for name in want:
+        for size in ("linf", "l2"):
+            assert got[name]["per_pair"].pop(size) == pytest.approx(want[name]["per_pair"].pop(size), rel=1e-5)
+    assert got == want
 
 
 def test_sanity_notes_flag_raised_flags_and_blackbox_beating_whitebox(tiny_run):
@@ -231,7 +218,7 @@ def test_sanity_notes_flag_raised_flags_and_blackbox_beating_whitebox(tiny_run):
                                         "eps": apgd["cell"]["threat_options"]["eps"]}
     far = apgd["metrics"]["far"]
     square["metrics"]["far"] = {**far, "k": far["k"] + 1, "value": (far["k"] + 1) / far["n"]}
-    square["metrics"]["flags"] = {"zero_gradients": False, "randomness_without_eot": True}
+    square["metrics"]["attack"]["flags"] = {"zero_gradients": False, "randomness_without_eot": True}
     notes = sanity_notes(ok + [square])
     assert notes == ["sanity (iwmf/square): attack flagged randomness_without_eot",
                      f"sanity (iwmf): black-box square ({100 * (far['k'] + 1) / far['n']:.1f}%) beats "
@@ -362,11 +349,11 @@ def test_adaptive_gradient_mode_a_defense_lacks_is_not_applicable(shared_imgs, t
     records = {r["name"]: r for r in run_cells(suite.cells(), tmp_path / "r", progress=False)}
     assert records["dlib-resnet/none/exact"]["status"] == "ok"
     na = records["dlib-resnet/bits/exact"]
-    assert na["status"] == "skipped" and na["reason"] == ("not applicable: defense 'bits' has no 'exact' gradient "
+    assert na["status"] == "n/a" and na["reason"] == ("not applicable: defense 'bits' has no 'exact' gradient "
                                                           "(its modes: none, bpda)")
     table = tables(suite, list(records.values()))["dlib-resnet"]
     assert next(r for r in table["rows"] if r[0] == "bits")[-2] == "n/a"
-    assert any(n.startswith("skipped (bits/exact): not applicable") for n in table["notes"])
+    assert any(n.startswith("n/a (bits/exact): not applicable") for n in table["notes"])
 
 
 def test_threats_key_limits_an_entry_to_some_columns_without_changing_keys(tiny_config, tmp_path):

@@ -14,4 +14,5 @@ MODULES = [
     "calibrate",
     "run",
     "leaderboard",
+    "rescore",
 ]

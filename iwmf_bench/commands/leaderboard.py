@@ -6,7 +6,8 @@ import sys
 import tempfile
 
 from ..errors import BenchError
-from ..leaderboard import check as compare
+from ..leaderboard import check as compare, provenance
+from ..suite import find_suite, load_suite, validate
 from ..publish import publish
 from ..runner import run_cells
 from .run import add_suite_options, load_checked_suite
@@ -25,6 +26,10 @@ def register(sub):
     c.set_defaults(results=None)
     c.add_argument("--leaderboards", default=None, help="committed leaderboard folder (default leaderboards/<suite>)")
     c.add_argument("--atol", type=float, default=None, help="tolerance on rates (default: the suite's check.atol)")
+    c.add_argument("--provenance", action="store_true",
+                   help="compute nothing: fail, naming the cells and what changed, when a committed cell was "
+                   "computed by other code (or config) than the current one (seconds; CI runs it on every "
+                   "committed suite)")
     c.set_defaults(func=check)
 
 
@@ -36,7 +41,24 @@ def render(args) -> int:
     return 0
 
 
+def check_provenance(args) -> int:
+    suite = load_suite(find_suite(args.config))
+    validate(suite)
+    committed = args.leaderboards or f"leaderboards/{suite.name}"
+    problems = provenance(suite.cells(), committed)
+    if problems:
+        for p in problems:
+            print(f"leaderboard check --provenance: {p}", file=sys.stderr)
+        raise BenchError(f"provenance check failed for {suite.name}: {len(problems)} committed cell(s) not computed "
+                         f"by the current code, first: {problems[0]}")
+    print(f"provenance check passed: every committed cell of {suite.name} ({committed}) was computed by the "
+          "current code and config")
+    return 0
+
+
 def check(args) -> int:
+    if args.provenance:
+        return check_provenance(args)
     suite = load_checked_suite(args.config)
     atol = args.atol if args.atol is not None else float(suite.check.get("atol", 0.0))
     committed = args.leaderboards or f"leaderboards/{suite.name}"

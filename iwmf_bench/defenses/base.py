@@ -126,6 +126,12 @@ class Defense(torch.nn.Module):
         """Parameters that identify this defense in results (hashing, leaderboards)."""
         return {}
 
+    def report(self, device: str) -> dict[str, Any]:
+        """Facts for a cell's record, as plain data: what the defense chose on ``device``
+        (fast paths) and what its last call did (a memory policy). The pipeline asks after
+        the attack and after scoring and copies the answer; default: nothing to report."""
+        return {}
+
 
 class NoDefense(Defense):
     """No purification: the identity (baseline row of every leaderboard)."""

@@ -344,6 +344,12 @@ class _DDRMPurifier(Defense):
         return self.unet
 
     # -- speed options -------------------------------------------------------------------
+    def report(self, device: str) -> dict[str, Any]:
+        """The speed paths taken on ``device``, and after exact gradients whether the last
+        call kept or checkpointed its steps."""
+        policy = dict(self.last_memory_info) if self.last_memory_info else {}
+        return {"speed_options": self.speed_options(device), **({"memory_policy": policy} if policy else {})}
+
     def speed_options(self, device: torch.device | str | None = None) -> dict[str, Any]:
         """What the speed options resolve to on ``device`` (default: the defense's), as
         the benchmark and result records report them."""

@@ -1,10 +1,11 @@
 """A cell: one (model, defense, threat model) of a suite, with everything needed to
 compute it on its own.
 
-Results are keyed by a hash of the cell's full config and the package version
-(:attr:`Cell.key`), so a cell computed locally, on another shard or on a Ray worker is
-the same file. Changing what a cell holds changes every key: the committed leaderboards
-depend on this layout.
+Results are keyed by a hash of the cell's full config and of the code that computes it
+(:attr:`Cell.key`, :meth:`Cell.code`), so a cell computed locally, on another shard or on
+a Ray worker is the same file, and a cell computed by other code is never served as
+current. Changing what a cell holds changes every key: the committed leaderboards depend
+on this layout.
 """
 
 from __future__ import annotations
@@ -14,13 +15,33 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .. import __version__
+from importlib.metadata import PackageNotFoundError, version
+
+from .. import code_identity, registry
 
 SETTINGS = ("transfer", "adaptive")
 REQUIRES = ("cuda",)  # ``requires: cuda``: skip the entry's cells on a machine without a GPU
 # Threat-model keys of the transfer-from-surrogate setting (:mod:`.surrogate`), not passed
 # to the attack; the last two are filled in at load from the suite's entries.
 SURROGATE_KEYS = ("surrogate", "surrogate_defense", "surrogate_options", "surrogate_defense_options")
+# The module whose import closure is "the pipeline": every stage a cell runs (building,
+# crafting, scoring, thresholds, records) and the shared code they import.
+PIPELINE_MODULE = "iwmf_bench.pipeline.compute"
+
+
+def component_fingerprint(kind: str, name: str) -> str:
+    """Fingerprint of a registered plugin's code (:mod:`iwmf_bench.code_identity`): the
+    module its entry point names, with what it imports from its own package and iwmf_bench."""
+    entry = registry.get(kind, name)
+    module = entry.source.partition(":")[0]
+    try:
+        return code_identity.fingerprint(module)
+    except ValueError:  # compiled, no source: the distribution's version is all there is
+        try:
+            return f"{entry.distribution}=={version(entry.distribution)}"
+        except PackageNotFoundError:
+            raise ValueError(f"{kind[:-1]} {name!r} ({entry.source}): no Python source to fingerprint and no "
+                             f"installed distribution version; install it as a package") from None
 
 
 @dataclass(frozen=True)
@@ -55,11 +76,30 @@ class Cell:
         """Everything needed to rebuild the cell on another process: ``Cell(**transport())``."""
         return {**self.to_dict(), "root": self.root}
 
+    def code(self) -> dict[str, str]:
+        """Fingerprints of the code this cell runs, by role: ``pipeline`` and each plugin it
+        names (model, defense, attack, surrogate model and defense, dataset). A role the cell
+        does not use (no attack on clean images, no defense on shared transfer images) is
+        absent, so a change to it cannot touch this cell."""
+        out = {"pipeline": code_identity.fingerprint(PIPELINE_MODULE)}
+        t = self.threat_options
+        for role, kind, name in (
+                ("model", "models", self.model),
+                ("defense", "defenses", self.defense_options.get("defense")),
+                ("attack", "attacks", t.get("attack")),
+                ("surrogate", "models", t.get("surrogate")),
+                ("surrogate_defense", "defenses", (t.get("surrogate_defense_options") or {}).get("defense")),
+                ("dataset", "datasets", self.data.get("dataset"))):
+            if name:
+                out[role] = component_fingerprint(kind, name)
+        return out
+
     @property
     def key(self) -> str:
-        """Hash of everything that determines the cell's numbers, and the package version."""
+        """Hash of everything that determines the cell's numbers: its config (without the
+        suite's name) and the fingerprints of the code it runs (:meth:`code`)."""
         payload = {k: v for k, v in self.to_dict().items() if k != "suite"}
-        blob = json.dumps({"cell": payload, "version": __version__}, sort_keys=True, default=str)
+        blob = json.dumps({"cell": payload, "code": self.code()}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def derived(self, **changes: Any) -> "Cell":

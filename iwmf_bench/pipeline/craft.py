@@ -33,6 +33,7 @@ from ..defenses.base import Defense
 from ..util import batched, save_tensors_atomic
 from .build import build_attack
 from .cell import Cell
+from .outcome import AttackFacts, notes_of
 from .pairs import Pairs, PairSource
 
 
@@ -65,21 +66,22 @@ def attack_pairs(pairs: Pairs, goal: str) -> tuple[torch.Tensor, torch.Tensor, l
 
 def run_attack(cell: Cell, model, probes: torch.Tensor, references: torch.Tensor,
                defense: Defense | None) -> tuple[torch.Tensor, dict]:
-    """Run the cell's attack (``defense=None``: on the undefended model); images and facts."""
+    """Run the cell's attack (``defense=None``: on the undefended model); images and facts.
+
+    The facts (kept beside cached images, so plain data): ``attack``, the
+    :class:`~.outcome.AttackFacts` as a dict (the attack's notes and the defense's report
+    copied as they state them), ``queries`` per pair, and for a minimal-budget attack
+    (``min-eps``) each pair's smallest breaking budget for the score stage."""
     start = time.perf_counter()
     result = build_attack(cell).run(AttackTask(model, probes, references, defense, cell.seed))
-    # Exact gradients through diffusion: whether the last call kept or checkpointed its steps.
-    policy = getattr(getattr(defense, "defense", defense), "last_memory_info", None)
-    return result.adversarial, {
-        **({"memory_policy": dict(policy)} if policy else {}),
-        "attack_seconds_per_image": (time.perf_counter() - start) / probes.shape[0],
-        "flags": {k: bool(v) for k, v in result.flags.items()},
-        "attack_success": result.success_rate.to_dict(),
-        "attack_queries_per_image": float(result.queries.float().mean()),
-        # facts a reader needs (library RNG use, EOT cut to one draw, ...), as the attack states them
-        "attack_notes": {k: v for k, v in result.info.items() if k in ("rng", "eot_note", "library", "projected")},
-        # minimal-budget attacks (min-eps): each pair's smallest breaking budget, for the score stage
-        **{k: result.info[k] for k in ("min_eps", "failed_eps", "converged") if k in result.info}}
+    facts = AttackFacts(seconds_per_image=(time.perf_counter() - start) / probes.shape[0],
+                        queries_per_image=float(result.queries.float().mean()), success=result.success_rate,
+                        flags={k: bool(v) for k, v in result.flags.items()}, notes=notes_of(result.info),
+                        defense_report=defense.report(cell.device) if defense is not None else {})
+    info = {"attack": facts.to_dict(), "queries": [int(q) for q in result.queries.tolist()]}
+    if "min_eps" in result.info:
+        info["min_eps"] = {k: result.info[k] for k in ("min_eps", "failed_eps", "converged")}
+    return result.adversarial, info
 
 
 def cached(path: Path | None, make) -> tuple[torch.Tensor, dict]:

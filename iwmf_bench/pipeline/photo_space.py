@@ -90,3 +90,6 @@ class AlignedDefense(Defense):
 
     def config(self) -> dict[str, Any]:
         return self.defense.config()
+
+    def report(self, device: str) -> dict[str, Any]:
+        return self.defense.report(device)

@@ -28,6 +28,7 @@ from ..data import quantize
 from ..util import batched
 from .cell import Cell
 from .craft import Crafted, attack_pairs
+from .outcome import AttackFacts, CellMetrics, PerPair
 from .pairs import Pairs
 
 
@@ -85,7 +86,7 @@ def references(cell: Cell, model, pairs: Pairs, gen: Genuine) -> torch.Tensor:
     return batched(model.embed, attack_pairs(pairs, "dodging")[1].to(cell.device), cell.batch_size)
 
 
-def score(cell: Cell, model, defense, pairs: Pairs, gen: Genuine, crafted: Crafted, refs: torch.Tensor) -> dict:
+def score(cell: Cell, model, defense, pairs: Pairs, gen: Genuine, crafted: Crafted, refs: torch.Tensor) -> CellMetrics:
     """The metrics of one cell (see the module docstring); ``refs``: :func:`references`."""
     batch, goal = cell.batch_size, cell.goal
     seen_through = crafted.scoring_defense or defense
@@ -94,34 +95,48 @@ def score(cell: Cell, model, defense, pairs: Pairs, gen: Genuine, crafted: Craft
     stream = make_generator(cell.seed, "harness", "adversarial-identity")
     purified_adv = batched(lambda x: seen_through.purify(x, stream), quantize(crafted.adversarial), batch)
     labels = attack_pairs(pairs, goal)[2]
-    rate = "far" if goal == "impersonation" else "dodging_success"
-    out = {
-        rate: ev.single_shot.to_dict(),
-        f"{rate}_worst_of_n": ev.worst_of_n.to_dict(),
-        "draws": ev.n_draws,
-        "frr_genuine": gen.frr_genuine.to_dict(),
-        "seconds_per_image": gen.seconds_per_image,
-        "threshold": model.threshold,
-        "metric": model.metric,
-        "pairs": crafted.adversarial.shape[0],
-        # fast paths a defense chose for this device (diffusion: dtype, compile, CUDA graphs)
-        **({"defense_speed_options": defense.speed_options(cell.device)} if hasattr(defense, "speed_options") else {}),
-        **crafted.info,
-    }
-    if goal == "dodging":
-        out["goal"] = goal
-    if "min_eps" in crafted.info:  # a minimal-budget attack: the per-pair budgets, summarized
-        out["min_eps"] = {**minimal_budgets(crafted.info["min_eps"]), "failed_eps": out.pop("failed_eps", None),
-                          "converged": out.pop("converged", None)}
+    info = crafted.info
+    min_eps = None
+    if "min_eps" in info:  # a minimal-budget attack: the per-pair budgets, summarized
+        m = info["min_eps"]
+        min_eps = {**minimal_budgets(m["min_eps"]), "failed_eps": m["failed_eps"], "converged": m["converged"]}
     if pairs.listed_genuine:  # dataset sources: listed genuine pairs, attacker references, clean ROC
-        out.update(listed_pair_metrics(cell, model, defense, pairs, purified_adv))
+        frr_genuine, frr_adv, clean = listed_pair_metrics(cell, model, defense, pairs, purified_adv)
+    else:  # the folder protocol's probes are the sources for either goal
+        frr_genuine, clean = gen.frr_genuine, None
+        frr_adv = cross_identity_frr(batched(model.embed, purified_adv, batch), gen.source_refs, labels,
+                                     model.threshold, model.metric)
+    return CellMetrics(
+        goal=goal, success=ev.single_shot, success_worst_of_n=ev.worst_of_n, draws=ev.n_draws,
+        pairs=crafted.adversarial.shape[0], frr_genuine=frr_genuine, frr_adv_true_identity=frr_adv,
+        seconds_per_image=gen.seconds_per_image, threshold=model.threshold, metric=model.metric,
+        per_pair=per_pair_record(pairs, goal, crafted, ev, min_eps),
+        attack=AttackFacts.from_dict(info["attack"]) if "attack" in info else None,
+        defense_report=defense.report(cell.device), min_eps=min_eps, clean=clean,
+        dropped_pairs_no_face=pairs.dropped_pairs_no_face if pairs.dropped_pairs_no_face or pairs.listed_genuine
+        else None)
+
+
+def per_pair_record(pairs: Pairs, goal: str, crafted: Crafted, ev, min_eps: dict | None) -> PerPair:
+    """What each pair's rates are computed from, so anyone can take the union over threat
+    models, run a paired test or re-score: successes out of ``draws`` fresh purifications
+    (acceptances; for dodging, rejections), the submitted 8-bit image's distance to the
+    aligned probe in Linf and L2 (the budget plus at most half a level of rounding; None
+    for images crafted on another space, e.g. a surrogate's photos), the attack's queries
+    or gradient steps, min-eps's budget, and the pair's identities."""
+    probes, _, labels = attack_pairs(pairs, goal)
+    adv = quantize(crafted.adversarial).cpu().double()
+    if adv.shape == probes.shape:
+        delta = (adv - probes.cpu().double()).flatten(1)
+        linf, l2 = delta.abs().amax(1).tolist(), delta.norm(dim=1).tolist()
     else:
-        probes_refs = gen.source_refs  # the folder protocol's probes are the sources for either goal
-        out["frr_adv_true_identity"] = cross_identity_frr(batched(model.embed, purified_adv, batch), probes_refs,
-                                                          labels, model.threshold, model.metric).to_dict()
-    if pairs.dropped_pairs_no_face or pairs.listed_genuine:
-        out["dropped_pairs_no_face"] = pairs.dropped_pairs_no_face
-    return out
+        linf = l2 = None
+    success = ev.accepted if goal == "impersonation" else ~ev.accepted
+    refs = pairs.target_labels if goal == "impersonation" else labels
+    return PerPair(draws=ev.n_draws, successes=[int(k) for k in success.sum(dim=1).tolist()], linf=linf, l2=l2,
+                   queries=crafted.info.get("queries"), min_eps=min_eps["values"] if min_eps else None,
+                   probe_identity=[str(x) for x in labels], reference_identity=[str(x) for x in refs],
+                   probe=list(pairs.source_names) if len(pairs.source_names) == len(labels) else None)
 
 
 def minimal_budgets(values: list[float]) -> dict:
@@ -137,11 +152,13 @@ def minimal_budgets(values: list[float]) -> dict:
 
 
 @torch.no_grad()
-def listed_pair_metrics(cell: Cell, model, defense, pairs: Pairs, purified_adv: torch.Tensor) -> dict:
+def listed_pair_metrics(cell: Cell, model, defense, pairs: Pairs,
+                        purified_adv: torch.Tensor) -> tuple[metrics.Rate, metrics.Rate, dict | None]:
     """FRR on the genuine pairs (purified probe vs clean reference), FRR of purified
     adversarial images against another image of the attacker (dodging: against the
     probe's reference), and clean verification (TAR@FAR, AUC, EER, scores for the ROC)
-    of the defense on the genuine pairs and the impersonation pairs taken clean."""
+    of the defense on the genuine pairs and the impersonation pairs taken clean (None
+    without pairs of both kinds)."""
     dev, batch, thr, metric = cell.device, cell.batch_size, model.threshold, model.metric
     emb = lambda x: batched(model.embed, x.to(dev), batch).cpu()  # noqa: E731
     gen = {s: make_generator(cell.seed, "dataset", s) for s in ("genuine", "impostor")}
@@ -156,9 +173,8 @@ def listed_pair_metrics(cell: Cell, model, defense, pairs: Pairs, purified_adv: 
     else:
         adv_true = metrics.Rate(0, 0)
     rejected = int((~metrics.accepts(genuine_scores, thr, metric)).sum())
-    out = {"frr_genuine": metrics.Rate(rejected, genuine_scores.numel()).to_dict(),
-           "frr_adv_true_identity": adv_true.to_dict()}
+    clean = None
     if genuine_scores.numel() and impostor_scores.numel():
-        out["clean"] = {**roc.clean_summary(genuine_scores, impostor_scores, metric),
-                        "genuine_scores": genuine_scores.tolist(), "impostor_scores": impostor_scores.tolist()}
-    return out
+        clean = {**roc.clean_summary(genuine_scores, impostor_scores, metric),
+                 "genuine_scores": genuine_scores.tolist(), "impostor_scores": impostor_scores.tolist()}
+    return metrics.Rate(rejected, genuine_scores.numel()), adv_true, clean

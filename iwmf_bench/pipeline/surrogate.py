@@ -118,8 +118,9 @@ class SurrogateTransfer(Crafter):
                 adv, info = run_attack(cell, AlignedModel(surrogate, alignment), photos, refs, None)
             else:
                 adv, info = run_attack(cell, surrogate, photos, refs, AlignedDefense(defense, alignment))
-            return adv, {**info, "surrogate": t["surrogate"], "surrogate_defense": t.get("surrogate_defense"),
-                         "photo_linf": float((adv.double() - photos.double()).abs().amax())}  # budget on the photo
+            info["attack"]["notes"].update(surrogate=t["surrogate"], surrogate_defense=t.get("surrogate_defense"),
+                                           photo_linf=float((adv.double() - photos.double()).abs().amax()))
+            return adv, info  # the budget holds on the photo: photo_linf
 
         adv, info = cached(self.path(cell, task.results_root), make)
         photos, faces = self.photos(task, cell.model, task.model.input_size)
