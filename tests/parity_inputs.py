@@ -19,3 +19,16 @@ def mobilefacenet_inputs(shared: Path) -> np.ndarray:
     faces = resize(faces, 112)
     noise = torch.from_numpy(np.random.default_rng(0).uniform(0, 1, size=(2, 3, 112, 112)).astype(np.float32))
     return ((torch.cat([faces, noise]) * 255 - 127.5) / 128).numpy()
+
+
+def faceres_inputs(shared: Path) -> tuple[np.ndarray, np.ndarray]:
+    """([0,1] NCHW float32 (5, 3, 224, 224), the same normalized as FaceRes.forward does,
+    NHWC, for the TF.js graph): two sources and two targets resized to 224, one noise image."""
+    from iwmf_bench.models.faceres import BGR_MEANS
+
+    faces = torch.cat([load_folder(shared / "source").images[:2], load_folder(shared / "target").images[:2]])
+    faces = resize(faces, 224)
+    noise = torch.from_numpy(np.random.default_rng(1).uniform(0, 1, size=(1, 3, 224, 224)).astype(np.float32))
+    x = torch.cat([faces, noise])
+    normalized = x.flip(1) * 255 - torch.tensor(BGR_MEANS, dtype=torch.float32).view(1, 3, 1, 1)
+    return x.numpy(), normalized.permute(0, 2, 3, 1).contiguous().numpy()
