@@ -464,7 +464,9 @@ def check(records: list[dict], committed_dir: str | Path, atol: float) -> list[s
         now = checked_rates(metrics_of(new))
         for metric, a in before.items():
             b = now[metric]
-            if not (abs(a - b) <= atol or (math.isnan(a) and math.isnan(b))):  # NaN: a rate over no pairs
+            # 1e-9: rates are k/n, so a move of exactly the tolerance (2 of 20 = 0.1) must pass
+            # although 0.8 - 0.7 is 0.10000000000000009 in floats; NaN: a rate over no pairs
+            if not (abs(a - b) <= atol + 1e-9 or (math.isnan(a) and math.isnan(b))):
                 problems.append(f"{old['name']}: {metric} moved from {a:.4f} (committed) to {b:.4f} "
                                 f"(now), beyond tolerance {atol}; {_why_moved(old, new)}")
     for name, new in fresh_ok.items():

@@ -164,3 +164,33 @@ def test_identity_bootstrap_needs_enough_identities_and_widens_for_clustered_pai
     wlo, whi = wilson_interval(30, 60)
     assert hi - lo > whi - wlo  # wider than treating the 60 pairs as independent
     assert identity_interval(values, identities, seed=0) == (lo, hi)  # seeded
+
+
+@pytest.mark.parametrize("suite", ["smoke", "default"])
+def test_committed_worst_case_is_the_union_of_the_committed_per_pair_records(suite):
+    """Every committed cell carries per-pair records, and each committed table's worst case
+    equals the union recomputed here from them: per pair the largest accepted fraction over
+    the impersonation threat models at that budget."""
+    root = Path(__file__).resolve().parents[1] / "leaderboards" / suite
+    cells = [json.loads(p.read_text()) for p in sorted((root / "cells").glob("*.json"))]
+    assert cells and all("per_pair" in c["metrics"] for c in cells)
+    checked = 0
+    for table in sorted(root.glob("*.json")):
+        data = json.loads(table.read_text())
+        for row in data["rows"]:
+            for budget, worst in row["worst_case"].items():
+                norm, eps = budget.split()
+                mine = [c for c in cells if c["cell"]["model"] == data["model"] and c["cell"]["defense"] == row["defense"]
+                        and c["cell"]["threat_options"].get("attack")
+                        and c["cell"]["threat_options"].get("goal", "impersonation") == "impersonation"
+                        and c["cell"]["threat_options"].get("norm", "Linf") == norm
+                        and c["cell"]["threat_options"].get("eps") is not None
+                        and f"{c['cell']['threat_options']['eps']:g}" == eps]
+                assert sorted(c["cell"]["threat"] for c in mine) == worst["threats"]
+                per = [c["metrics"]["per_pair"] for c in mine]
+                n = len(per[0]["successes"])
+                single = [max(p["successes"][i] / p["draws"] for p in per) for i in range(n)]
+                assert worst["value"] == pytest.approx(sum(single) / n, abs=1e-12)
+                assert worst["worst_of_n"]["k"] == sum(any(p["successes"][i] for p in per) for i in range(n))
+                checked += 1
+    assert checked >= (4 if suite == "smoke" else 40)
