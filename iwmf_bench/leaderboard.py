@@ -399,10 +399,12 @@ def render(suite: Suite, records: list[dict], out_dir: str | Path,
     written = []
     cells_dir = out_dir / "cells"
     for record in records:
-        if record["status"] == "ok":
-            keep = {k: record[k] for k in ("key", "name", "cell", "code", "metrics", "env", "seed", "status")
-                    if k in record}
-            write_json_atomic(cells_dir / cell_file(record), keep)
+        # Skipped and n/a cells too (their reason, no metrics): the site and the tables
+        # built from committed cells show them as the run did.
+        fields = ("key", "name", "cell", "code", "metrics", "env", "seed", "status") if record["status"] == "ok" \
+            else ("key", "name", "cell", "code", "status", "reason")
+        if record["status"] != "error":
+            write_json_atomic(cells_dir / cell_file(record), {k: record[k] for k in fields if k in record})
     for model, t in tables(suite, records).items():
         md = [f"## {model} ({suite.name} suite)", "",
               "FAR: adversarial source i accepted as target i (single-shot, fresh randomness), %, "
@@ -452,8 +454,12 @@ def check(records: list[dict], committed_dir: str | Path, atol: float) -> list[s
         return [f"no committed cells in {committed_dir}; render the leaderboard first"]
     for name, old in committed.items():
         new = fresh_ok.get(name)
+        status = next((r["status"] for r in records if cell_file(r) == name), "not run")
+        if old["status"] != "ok":  # committed skipped / n/a: the same status again
+            if status != old["status"]:
+                problems.append(f"{old['name']}: committed as {old['status']} but now {status}")
+            continue
         if new is None:
-            status = next((r["status"] for r in records if cell_file(r) == name), "not run")
             problems.append(f"{old['name']}: committed but now {status}")
             continue
         try:

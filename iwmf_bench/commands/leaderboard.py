@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from pathlib import Path
 
 from ..errors import BenchError
 from ..leaderboard import check as compare, provenance
 from ..suite import find_suite, load_suite, validate
-from ..publish import publish
+from ..publish import committed_records, publish, site_dir
+from ..site import build_site
 from ..runner import run_cells
 from .run import add_suite_options, load_checked_suite
 
@@ -31,6 +33,12 @@ def register(sub):
                    "computed by other code (or config) than the current one (seconds; CI runs it on every "
                    "committed suite)")
     c.set_defaults(func=check)
+    w = s.add_parser("site", help="write the static leaderboard site of a suite from its committed cells "
+                     "(no computing, no network; `render` and `run` write it too)")
+    w.add_argument("--config", default="default", help="suite file or shipped suite name (default: default)")
+    w.add_argument("--leaderboards", default=None, help="the suite's leaderboard folder (default leaderboards/<suite>)")
+    w.add_argument("--out", default=None, help="where to write it (default leaderboards/site/<suite>)")
+    w.set_defaults(func=site)
 
 
 def render(args) -> int:
@@ -38,6 +46,20 @@ def render(args) -> int:
     records = run_cells(suite.cells(), args.results, args.executor, args.ray_address, progress=not args.no_progress)
     for path in publish(suite, records, args.leaderboards or f"leaderboards/{suite.name}", args.imgs, args.results):
         print(f"wrote {path}")
+    return 0
+
+
+def site(args) -> int:
+    suite = load_suite(find_suite(args.config))
+    validate(suite)
+    folder = Path(args.leaderboards or f"leaderboards/{suite.name}")
+    records = committed_records(folder)
+    if not records:
+        raise BenchError(f"{folder}/cells: no committed cells; run `iwmf-bench leaderboard render --config "
+                         f"{args.config}` first")
+    out = Path(args.out) if args.out else site_dir(folder, suite.name)
+    paths = build_site(suite, records, out)
+    print(f"wrote {len(paths)} pages under {out} (open {out / 'index.html'})")
     return 0
 
 
