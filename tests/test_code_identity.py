@@ -208,3 +208,51 @@ def test_every_committed_leaderboard_was_computed_by_the_current_code(suite):
     from iwmf_bench.suite import find_suite, load_suite
 
     assert provenance(load_suite(find_suite(suite)).cells(), ROOT / "leaderboards" / suite) == []
+
+
+RUN_SUITE = """\
+name: rerun
+seed: 0
+device: cpu
+data: {{sources: "{src}", targets: "{tgt}", align: true, pairs: 3}}
+models: {{dlib-resnet: {{}}}}
+defenses:
+  none: {{defense: none}}
+  jpeg: {{defense: jpeg, quality: 50}}
+  median: {{defense: median, k: 3}}
+threat_models:
+  clean: {{attack: null}}
+  apgd: {{attack: apgd, setting: transfer, norm: Linf, eps: 0.03, steps: 2}}
+evaluation: {{draws: 2}}
+"""
+
+
+def _run(src: Path, config: Path, out: Path) -> dict[str, dict]:
+    r = subprocess.run([sys.executable, "-c", CLI, "run", "--all", "--config", str(config), "--results",
+                        str(out / "results"), "--leaderboards", str(out / "lb"), "--imgs", str(out / "imgs"),
+                        "--no-progress"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(src)}, cwd=src)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {p.name: json.loads(p.read_text()) for p in (out / "results" / "rerun").glob("*.json")}
+
+
+def test_rerun_after_a_defense_change_recomputes_exactly_its_cells(package_copy, shared_imgs, tmp_path):
+    config = tmp_path / "rerun.yaml"
+    config.write_text(RUN_SUITE.format(src=shared_imgs / "source", tgt=shared_imgs / "target"))
+    first = _run(package_copy, config, tmp_path)
+    assert len(first) == 6
+    jpeg = package_copy / "iwmf_bench" / "defenses" / "jpeg.py"
+    original = _edit(jpeg, "return int(quality)", "return int(quality) + 0")
+    try:
+        second = _run(package_copy, config, tmp_path)
+    finally:
+        jpeg.write_text(original)
+    new = {name: r for name, r in second.items() if name not in first}
+    assert sorted(r["name"] for r in new.values()) == ["dlib-resnet/jpeg/apgd", "dlib-resnet/jpeg/clean"]
+    # the others were served from the cache: the same files, untouched
+    assert all(second[name]["started"] == r["started"] for name, r in first.items())
+    # and the recomputed cells record the defense's new fingerprint, the rest unchanged
+    old_jpeg = next(r for r in first.values() if r["name"] == "dlib-resnet/jpeg/clean")
+    new_jpeg = next(r for r in new.values() if r["name"] == "dlib-resnet/jpeg/clean")
+    assert new_jpeg["code"]["defense"] != old_jpeg["code"]["defense"]
+    assert new_jpeg["code"]["pipeline"] == old_jpeg["code"]["pipeline"]
