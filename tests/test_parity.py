@@ -208,3 +208,37 @@ def test_dlib_resnet_matches_the_committed_dlib_fixture(shared_imgs):
     ref = np.load(ROOT / "tests" / "fixtures" / "parity_dlib.npz")["descriptors"]
     assert ours.shape == ref.shape == (5, 128)
     assert np.abs(ours - ref).max() <= 1e-5  # the live test's tolerance (tests/test_dlib_resnet.py)
+
+
+def test_cli_align_and_eval_take_it(mobilefacenet, shared_imgs, tmp_path):
+    """The user's path, as with the other models: align both folders for it, then eval."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).with_name("iwmf-bench"))
+    both = tmp_path / "both"
+    both.mkdir()
+    for offset, part in ((0, "source"), (100, "target")):
+        r = subprocess.run([exe, "align", "--model", "mobilefacenet-arcface", "--input", str(shared_imgs / part),
+                            "--output", str(tmp_path / part)], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        for p in (tmp_path / part).iterdir():
+            stem_id, label = p.stem.split("_")
+            shutil.copy(p, both / f"{int(stem_id) + offset:05d}_{label}.png")
+    r = subprocess.run([exe, "eval", "--model", "mobilefacenet-arcface", "--input", str(both), "--references", str(both),
+                        "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    # 40 images of 4 identities; at the default threshold: FAR 0/600, FRR under 10% (8-bit aligned crops)
+    assert (out["far"]["n"], out["frr"]["n"]) == (600, 180)
+    assert out["far"]["k"] == 0 and out["frr"]["k"] / 180 < 0.10
+    listing = subprocess.run([exe, "list"], capture_output=True, text=True, timeout=300)
+    assert "mobilefacenet-arcface" in listing.stdout
+    cal = subprocess.run([exe, "calibrate", "--model", "mobilefacenet-arcface", "--dataset", "folder", "--sources",
+                          str(shared_imgs / "source"), "--targets", str(shared_imgs / "target"), "--far", "0.01",
+                          "--output", str(tmp_path / "cal.json")], capture_output=True, text=True, timeout=600)
+    assert cal.returncode == 0, cal.stderr[-2000:]
+    record = json.loads((tmp_path / "cal.json").read_text())
+    assert record["impostor_pairs"] == 600 and record["far"]["k"] <= 6  # FAR at most the 1% asked for

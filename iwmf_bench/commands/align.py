@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from ..align import align_folder
+from ..align import SPECS, align_folder
 
 
 def register(sub):
     p = sub.add_parser("align", help="align raw face photos to a model's template (MTCNN landmarks)")
-    p.add_argument("--model", required=True, help="dlib-resnet (150, dlib chip), insightface (112), facenet (160)")
+    p.add_argument("--model", required=True, help="the model whose crop to make: " + ", ".join(
+        f"{name} ({spec.size})" for name, spec in SPECS.items()))
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--device", default="cpu")
