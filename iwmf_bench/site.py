@@ -193,7 +193,10 @@ def _index(suite: Suite, records: list[dict], docs: str) -> str:
              f'<p class="note">Single-shot FAR (dodging: rejected probes) %, [95% interval]; the worst case per budget '
              f'first (per pair, the best of the row\'s threat models at that budget). How the numbers are computed: '
              f'<a href="{docs}/README.md#checking-the-numbers">README</a>; add your own defense: '
-             f'<a href="{docs}/CONTRIBUTING.md">CONTRIBUTING</a>.</p>', '<div class="controls">',
+             f'<a href="{docs}/CONTRIBUTING.md">CONTRIBUTING</a>. Example images (source, adversarial, target, '
+             f'purified): <a href="{docs}/imgs/{_e(suite.name)}_examples.png">imgs/{_e(suite.name)}_examples.png</a>; '
+             f'every adversarial image a run scored is kept under its <code>results/{_e(suite.name)}/images/</code> '
+             f'(<code>iwmf-bench rescore</code> re-scores them).</p>', '<div class="controls">',
              "defense kind: " + "".join(f'<label><input type="checkbox" class="dkind" value="{k}" checked> {k}</label>'
                                         for k in KINDS),
              "<br>threat kind: " + "".join(f'<label><input type="checkbox" class="tkind" value="{k}" checked> {k}</label>'
