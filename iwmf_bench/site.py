@@ -214,7 +214,7 @@ def _index(suite: Suite, records: list[dict], docs: str) -> str:
             if h.startswith("worst case "):
                 b = h.removeprefix("worst case ").removesuffix(" %")
                 eps = b.split()[1]
-                attrs = f' class="worst"' + (f' data-budget="{eps}"' if eps in budgets else "")
+                attrs = ' class="worst"' + (f' data-budget="{eps}"' if eps in budgets else "")
                 col = {"kind": "worst", "budget": b}
             elif h.endswith(" %") and h.split(" ", 1)[0] in ("FAR", "dodging"):
                 label = h.split(" ", 1)[1].removesuffix(" %")
