@@ -56,14 +56,20 @@ def budget_of(record: dict) -> str | None:
 
 def worst_case(records: list[dict]) -> dict[str, dict]:
     """Per budget, the AutoAttack-style worst case of one (model, defense) over the suite's
-    threat models at that budget, from the cells' per-pair records: a pair counts as broken
-    single-shot with the largest fraction of accepted draws any threat model reached on it
-    (the mean of those maxima is the rate), and worst-of-N when any threat model got it
-    accepted in any draw. The union over pairs, not the largest column."""
-    groups: dict[str, list[dict]] = {}
-    for r in records:
-        if r["status"] == "ok" and (budget := budget_of(r)) is not None:
-            groups.setdefault(budget, []).append(r)
+    threat models within that budget (same norm, eps at most the budget's: a face
+    perturbed by 0.008 is also one within 0.016), from the cells' per-pair records: a pair
+    counts as broken single-shot with the largest fraction of accepted draws any of them
+    reached on it (the mean of those maxima is the rate), and worst-of-N when any of them
+    got it accepted in any draw. The union over pairs, not the largest column; it never
+    decreases with the budget."""
+    within: dict[str, list[dict]] = {}
+    ok = [(r, budget_of(r)) for r in records if r["status"] == "ok"]
+    budgets = {b for _, b in ok if b is not None}
+    for budget in budgets:
+        norm, eps = budget.split()
+        within[budget] = [r for r, b in ok if b is not None and b.split()[0] == norm
+                          and float(b.split()[1]) <= float(eps) + 1e-12]
+    groups = within
     out = {}
     for budget, cells in groups.items():
         per = [metrics_of(c).per_pair for c in cells]
@@ -224,7 +230,7 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
             rows, raw = [rows[i] for i in order], [raw[i] for i in order]
             notes.insert(0, f"worst case {budgets[0]} (first column, rows sorted by it): per pair, the best of "
                          f"{', '.join(worst[raw[0]['defense']][budgets[0]]['threats'])} (AutoAttack's rule: "
-                         "a pair is robust only if every threat model at that budget fails on it)")
+                         "a pair is robust only if every threat model within that budget fails on it)")
         w = len(budgets)
         shown = [0, 1] + [2 + i for i in range(w)] + [2 + w + i for i, t in enumerate(threats) if suite.shown(t)] \
             + [len(headers) - 1]

@@ -191,7 +191,7 @@ def _index(suite: Suite, records: list[dict], docs: str) -> str:
     budgets = sorted({b for b in budget_of.values()}, key=float, reverse=True)
     parts = [f"<h1>iwmf-bench: {_e(suite.name)} suite</h1>",
              f'<p class="note">Single-shot FAR (dodging: rejected probes) %, [95% interval]; the worst case per budget '
-             f'first (per pair, the best of the row\'s threat models at that budget). How the numbers are computed: '
+             f'first (per pair, the best of the row\'s threat models within that budget). How the numbers are computed: '
              f'<a href="{docs}/README.md#checking-the-numbers">README</a>; add your own defense: '
              f'<a href="{docs}/CONTRIBUTING.md">CONTRIBUTING</a>. Example images (source, adversarial, target, '
              f'purified): <a href="{docs}/imgs/{_e(suite.name)}_examples.png">imgs/{_e(suite.name)}_examples.png</a>; '
