@@ -62,21 +62,16 @@ def worst_case(records: list[dict]) -> dict[str, dict]:
     reached on it (the mean of those maxima is the rate), and worst-of-N when any of them
     got it accepted in any draw. The union over pairs, not the largest column; it never
     decreases with the budget."""
-    within: dict[str, list[dict]] = {}
-    ok = [(r, budget_of(r)) for r in records if r["status"] == "ok"]
-    budgets = {b for _, b in ok if b is not None}
-    for budget in budgets:
-        norm, eps = budget.split()
-        within[budget] = [r for r, b in ok if b is not None and b.split()[0] == norm
-                          and float(b.split()[1]) <= float(eps) + 1e-12]
-    groups = within
+    attacked = [(r, b.split()) for r in records if r["status"] == "ok" and (b := budget_of(r)) is not None]
     out = {}
-    for budget, cells in groups.items():
+    for budget in sorted({" ".join(nb) for _, nb in attacked}):
+        norm, eps = budget.split()
+        cells = [r for r, (n, e) in attacked if n == norm and float(e) <= float(eps) + 1e-12]
         per = [metrics_of(c).per_pair for c in cells]
         if len({len(p.successes) for p in per}) != 1:
             continue  # over other pairs (cannot happen within one suite's data)
         n = len(per[0].successes)
-        fractions = [[k / p.draws for k in p.successes] for p in per]
+        fractions = [success_fractions(p) for p in per]
         single = [max(f[i] for f in fractions) for i in range(n)]
         broken = [any(p.successes[i] > 0 for p in per) for i in range(n)]
         lo, hi = wilson_interval(sum(single), n)
@@ -89,10 +84,14 @@ def worst_case(records: list[dict]) -> dict[str, dict]:
     return out
 
 
+def success_fractions(per_pair) -> list[float]:
+    """Per pair, the fraction of draws the attack won (accepted; dodging: rejected)."""
+    return [k / per_pair.draws for k in per_pair.successes]
+
+
 def per_pair_success(record: dict) -> list[float]:
-    """A finished cell's per-pair success fractions (accepted draws / draws)."""
-    p = metrics_of(record).per_pair
-    return [k / p.draws for k in p.successes]
+    """A finished cell's per-pair success fractions."""
+    return success_fractions(metrics_of(record).per_pair)
 
 
 def cell_display(record: dict) -> str:

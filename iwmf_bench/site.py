@@ -99,9 +99,12 @@ def threat_kind(options: dict) -> str:
     return "adaptive" if options.get("setting") == "adaptive" else "transfer"
 
 
-def _page(title: str, body: str) -> str:
+def _page(title: str, body: str, script: str = "") -> str:
+    """A self-contained page; ``script``: inline JavaScript (the index's tables need it,
+    cell pages do not)."""
+    js = f"<script>{script}</script>" if script else ""
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
-            f"<style>{STYLE}</style><script>{SCRIPT}</script></head>\n<body>\n{body}\n</body></html>\n")
+            f"<style>{STYLE}</style>{js}</head>\n<body>\n{body}\n</body></html>\n")
 
 
 def _threat_options(suite: Suite) -> dict[str, dict]:
@@ -258,7 +261,7 @@ def _index(suite: Suite, records: list[dict], docs: str) -> str:
                          + "".join(f"<li>{_e(c)}: {_e(v['ranking'])}</li>" for c, v in t["paired"].items()) + "</ul>")
         parts.append('<ul class="note">' + "".join(f"<li>{_e(n)}</li>" for n in t["notes"]) + "</ul>")
         parts += _curves(suite, model, by)
-    return _page(f"iwmf-bench {suite.name}", "\n".join(parts))
+    return _page(f"iwmf-bench {suite.name}", "\n".join(parts), SCRIPT)
 
 
 def _cell_page(record: dict, docs: str) -> str:
