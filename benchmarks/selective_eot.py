@@ -16,39 +16,16 @@ its 95% interval, worst-of-10). The cells are ordinary suite cells (cached under
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import tempfile
-from pathlib import Path
 
-import torch
 from tabulate import tabulate
 
+from bench_suite import DEFENSES, budgets, label_at, machine_line, run_suite
 from iwmf_bench.pipeline.outcome import metrics_of
-from iwmf_bench.runner import run_cells
-from iwmf_bench.suite import check_data, load_suite
-
-DEFENSES = {
-    "iwmf-0.25": "{defense: iwmf, lambda_0: 0.25}",
-    "iwmf-0.5": "{defense: iwmf, lambda_0: 0.5}",
-    "random-resize-pad": "{defense: random-resize-pad}",
-    "gaussian-0.12": "{defense: gaussian-noise, sigma: 0.12}",
-    "tvm": "{defense: tvm, iterations: 50}",
-}
 
 
-def suite_yaml(pairs: int, eps: list[float], steps: int, eot: int, defenses: list[str]) -> str:
-    lines = ["name: bench-selective", "seed: 0", "device: cpu",
-             f"data: {{images: paper-images, align: true, pairs: {pairs}}}", "models: {dlib-resnet: {}}", "defenses:"]
-    lines += [f"  {d}: {DEFENSES[d]}" for d in defenses]
-    budgets = "[" + ", ".join(f"{e:g}" for e in eps) + "]"
-    lines += ["threat_models:",
-              f"  apgd-eot: {{attack: apgd, setting: adaptive, norm: Linf, eps: {budgets}, steps: {steps}, "
-              f"eot_iter: {eot}, grad_mode: exact}}",
-              f"  selective-eot: {{attack: selective-eot, setting: adaptive, norm: Linf, eps: {budgets}, "
-              f"steps: {steps}, eot_iter: {eot}, grad_mode: exact}}",
-              "evaluation: {draws: 10}"]
-    return "\n".join(lines) + "\n"
+def threats(eps: list[float], steps: int, eot: int) -> dict[str, str]:
+    common = f"setting: adaptive, norm: Linf, eps: {budgets(eps)}, steps: {steps}, eot_iter: {eot}, grad_mode: exact"
+    return {"apgd-eot": f"{{attack: apgd, {common}}}", "selective-eot": f"{{attack: selective-eot, {common}}}"}
 
 
 def main() -> None:
@@ -61,19 +38,14 @@ def main() -> None:
                    choices=sorted(DEFENSES))
     p.add_argument("--results", default="results/bench-selective")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bench-selective.yaml"
-        path.write_text(suite_yaml(args.pairs, args.eps, args.steps, args.eot, args.defenses))
-        suite = load_suite(path)
-        check_data(suite)
-        records = {r["name"]: r for r in run_cells(suite.cells(), args.results, progress=True)}
+    records = run_suite("bench-selective", args.pairs, args.defenses, threats(args.eps, args.steps, args.eot),
+                        args.results)
     rows = []
     for d in args.defenses:
         for eps in sorted(args.eps):
             row = [d, f"{eps:g}"]
             for threat in ("apgd-eot", "selective-eot"):
-                label = threat if eps == max(args.eps) else f"{threat}@{eps:g}"
-                r = records[f"dlib-resnet/{d}/{label}"]
+                r = records[f"dlib-resnet/{d}/{label_at(threat, eps, args.eps)}"]
                 if r["status"] != "ok":
                     row += [r["status"], ""]
                     continue
@@ -81,8 +53,7 @@ def main() -> None:
                 row += [str(m.success), f"{m.success_worst_of_n.k}/{m.success_worst_of_n.n}"]
             rows.append(row)
     print(f"# selective EOT vs APGD-EOT, dlib-resnet, {args.pairs} pairs, {args.steps} steps x EOT {args.eot} "
-          f"(equal gradient evaluations), exact gradients; {datetime.date.today()}, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+          f"(equal gradient evaluations), exact gradients; {machine_line()}")
     print(tabulate(rows, headers=["defense", "eps", "APGD-EOT FAR", "worst-of-10", "selective FAR", "worst-of-10"],
                    tablefmt="github"))
 

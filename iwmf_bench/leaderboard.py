@@ -21,17 +21,23 @@ from tabulate import tabulate
 from .attacks.base import blackbox_beats_whitebox
 from .metrics import Rate, wilson_interval
 from .paired import BOOTSTRAP, MIN_IDENTITIES, compare, identity_interval, ranking
-from .pipeline.outcome import CellMetrics, metrics_of
+from .pipeline.outcome import DEPLOYMENTS, CellMetrics, attack_success, metrics_of
 from .suite import Suite
 from .util import write_json_atomic
 
 
-
 def checked_rates(m: CellMetrics) -> dict[str, float]:
     """The rates the regression check compares, by their names in the JSON (a dodging
-    cell's success rates are ``dodging_success*``)."""
-    return {m.rate_name: m.success.value, f"{m.rate_name}_worst_of_n": m.success_worst_of_n.value,
-            "frr_genuine": m.frr_genuine.value, "frr_adv_true_identity": m.frr_adv_true_identity.value}
+    cell's success rates are ``dodging_success*``): single-shot and worst-of-N, the
+    majority deployment's, and a known-randomness cell's on fresh draws."""
+    out = {m.rate_name: m.success.value, f"{m.rate_name}_worst_of_n": m.success_worst_of_n.value,
+           "frr_genuine": m.frr_genuine.value, "frr_adv_true_identity": m.frr_adv_true_identity.value}
+    majority = m.deployment("majority")
+    out.update({f"{m.rate_name}_majority": majority.success.value, "frr_genuine_majority": majority.frr_genuine.value,
+                "frr_adv_true_identity_majority": majority.frr_adv_true_identity.value})
+    if m.fresh_draws:
+        out[f"{m.rate_name}_fresh_draws"] = m.fresh_draws["single-shot"].value
+    return out
 
 
 def _pct(rate: Rate | dict) -> str:
@@ -61,8 +67,10 @@ def worst_case(records: list[dict]) -> dict[str, dict]:
     counts as broken single-shot with the largest fraction of accepted draws any of them
     reached on it (the mean of those maxima is the rate), and worst-of-N when any of them
     got it accepted in any draw. The union over pairs, not the largest column; it never
-    decreases with the budget."""
-    attacked = [(r, b.split()) for r in records if r["status"] == "ok" and (b := budget_of(r)) is not None]
+    decreases with the budget. Known-randomness cells do not count: theirs is another
+    threat model (the defense's randomness is no secret), shown in its own table."""
+    attacked = [(r, b.split()) for r in records if r["status"] == "ok" and (b := budget_of(r)) is not None
+                and r["cell"]["threat_options"].get("randomness", "unknown") == "unknown"]
     out = {}
     for budget in sorted({" ".join(nb) for _, nb in attacked}):
         norm, eps = budget.split()
@@ -92,6 +100,141 @@ def success_fractions(per_pair) -> list[float]:
 def per_pair_success(record: dict) -> list[float]:
     """A finished cell's per-pair success fractions."""
     return success_fractions(metrics_of(record).per_pair)
+
+
+def is_random_cell(m: CellMetrics) -> bool:
+    return m.deployments is not None
+
+
+def _short(rate: Rate) -> str:
+    return f"{100 * rate.value:.1f}"
+
+
+def deployment_section(suite: Suite, records: list[dict], threats: list[str]) -> dict | None:
+    """The three deployments of each random defense (rows) under each threat model shown
+    (one column each: ``single / worst-of-N / majority`` FAR, %), with the FRR of genuine
+    and of adversarial images single-shot and by majority; None without random cells."""
+    ok = [r for r in records if r["status"] == "ok" and is_random_cell(metrics_of(r))]
+    if not ok:
+        return None
+    shown = [t for t in threats if suite.shown(t) and any(r["cell"]["threat"] == t for r in ok)]
+    by = {(r["cell"]["defense"], r["cell"]["threat"]): metrics_of(r) for r in ok}
+    headers = ["defense", "FRR genuine % (single / majority)"] + [f"{t} % (single / worst / majority)" for t in shown]
+    rows, raw = [], []
+    for d in dict.fromkeys(r["cell"]["defense"] for r in ok):
+        first = next(m for (dd, _), m in by.items() if dd == d)
+        g = [first.deployment(x).frr_genuine for x in ("single-shot", "majority")]
+        row = [d, " / ".join(_short(r) for r in g)]
+        raw_row = {"defense": d, "frr_genuine": {x: first.deployment(x).frr_genuine.to_dict() for x in DEPLOYMENTS},
+                   "threats": {}}
+        for t in shown:
+            m = by.get((d, t))
+            row.append(" / ".join(_short(m.deployment(x).success) for x in DEPLOYMENTS) if m else "")
+            if m:
+                raw_row["threats"][t] = {x: m.deployment(x).to_dict(m.rate_name) for x in DEPLOYMENTS}
+        rows.append(row)
+        raw.append(raw_row)
+    return {"id": "deployments", "title": "Deployments of the random defenses", "headers": headers, "rows": rows, "raw": raw,
+            "caption": "Each cell scored three ways from the same draws (N = the suite's evaluation draws): "
+                       "single-shot (each purification counted), worst-of-N (the attacker resubmits until one "
+                       "draw accepts) and majority (purify N times, accept when more than half accept). FRR of "
+                       "adversarial images against their true identity per deployment: the cells' JSON."}
+
+
+def counterpart(known: dict, records: list[dict]) -> dict | None:
+    """The unknown-randomness cell of a known-randomness one: same model, defense and
+    threat options except ``randomness``, ``eot_iter`` and ``steps`` (the default suite
+    pairs them at an equal number of gradient evaluations)."""
+    loose = ("randomness", "eot_iter", "steps", "table_eps")
+    want = {k: v for k, v in known["cell"]["threat_options"].items() if k not in loose}
+    for r in records:
+        c = r["cell"]
+        opts = c["threat_options"]
+        if r["status"] == "ok" and c["model"] == known["cell"]["model"] and c["defense"] == known["cell"]["defense"] \
+                and opts.get("randomness", "unknown") == "unknown" \
+                and {k: v for k, v in opts.items() if k not in loose} == want:
+            return r
+    return None
+
+
+def gradient_cost(options: dict) -> int:
+    """Gradient evaluations per image of an EOT attack: (steps + 1) x eot_iter."""
+    return (int(options.get("steps", 0)) + 1) * int(options.get("eot_iter", 1))
+
+
+def known_section(records: list[dict]) -> dict | None:
+    """Per random defense and known-randomness threat model: its FAR on the draws it knew,
+    on fresh draws, and the FAR of the same attack with unknown randomness (the part of the
+    robustness that comes from stochasticity is the gap); None without known cells."""
+    known = [r for r in records if r["status"] == "ok" and r["cell"]["threat_options"].get("randomness") == "known"]
+    if not known:
+        return None
+    headers = ["defense", "threat (known)", "budget", "known draws % (single / majority)",
+               "fresh draws % (single / majority)", "unknown randomness", "unknown % (single / majority)",
+               "known - unknown, points"]
+    rows, raw = [], []
+    for r in known:
+        m, other = metrics_of(r), counterpart(r, records)
+        fresh = m.fresh_draws or {}
+        u = metrics_of(other) if other else None
+        pair = lambda get: " / ".join(_short(get(x)) for x in ("single-shot", "majority"))  # noqa: E731
+        gap = 100 * (m.success.value - u.success.value) if u else None
+        rows.append([r["cell"]["defense"], r["cell"]["threat"], budget_of(r) or "",
+                     pair(lambda x: m.deployment(x).success),
+                     pair(lambda x: fresh[x]) if fresh else "",
+                     (f"{other['cell']['threat']}, {gradient_cost(other['cell']['threat_options'])} gradients "
+                      f"(known: {gradient_cost(r['cell']['threat_options'])})") if other else "none in the suite",
+                     pair(lambda x: u.deployment(x).success) if u else "", f"{gap:+.1f}" if u else ""])
+        raw.append({"defense": r["cell"]["defense"], "threat": r["cell"]["threat"], "budget": budget_of(r),
+                    "known": {x: m.deployment(x).success.to_dict() for x in DEPLOYMENTS},
+                    "fresh": {x: fresh[x].to_dict() for x in DEPLOYMENTS} if fresh else None,
+                    "unknown_threat": other["cell"]["threat"] if other else None,
+                    "unknown": {x: u.deployment(x).success.to_dict() for x in DEPLOYMENTS} if u else None})
+    return {"id": "known_randomness", "title": "Known against unknown randomness", "headers": headers, "rows": rows, "raw": raw,
+            "caption": "Known: the attacker crafts against the exact draws the scorer then uses, so the random "
+                       "defense is a fixed function to it; fresh: the same images on draws it did not know; "
+                       "unknown: the same attack drawing its own randomness. The gap between known and unknown is "
+                       "the part of the robustness that comes from stochasticity."}
+
+
+def deployment_notes(records: list[dict]) -> list[str]:
+    """The sanity rules of random defenses, on every cell: each deployment's rates follow
+    from the per-pair draws and votes; majority FAR <= worst-of-N FAR; with known
+    randomness FAR >= the unknown-randomness FAR of the same attack and budget."""
+    notes, checked = [], 0
+    for r in records:
+        if r["status"] != "ok" or not is_random_cell(m := metrics_of(r)):
+            continue
+        checked += 1
+        where = f"{r['cell']['defense']}/{r['cell']['threat']}"
+        p = m.per_pair
+        wrong = [f"{d} {m.rate_name}" for d in DEPLOYMENTS
+                 if attack_success(p.successes, p.draws, d, m.goal).k != m.deployment(d).success.k]
+        if m.votes:
+            wrong += [f"{d} {name}" for d in DEPLOYMENTS for name, v in
+                      (("frr_genuine", m.votes["genuine"]), ("frr_adv_true_identity", m.votes["adversarial_true_identity"]))
+                      if v.rate(d, rejected=True).k != getattr(m.deployment(d), name).k]
+        if m.success.k != m.deployment("single-shot").success.k or \
+                m.success_worst_of_n.k != m.deployment("worst-of-n").success.k:
+            wrong.append("the cell's own single-shot / worst-of-N rates")
+        if wrong:
+            notes.append(f"sanity ({where}): {', '.join(wrong)} do not follow from the per-pair draws; the record "
+                         "is inconsistent, recompute it")
+        if m.deployment("majority").success.value > m.deployment("worst-of-n").success.value:
+            notes.append(f"sanity ({where}): majority {m.rate_name} above worst-of-N, which cannot happen; "
+                         "recompute it")
+        if r["cell"]["threat_options"].get("randomness") == "known" and (other := counterpart(r, records)):
+            k, u = m.success, metrics_of(other).success
+            if k.value < u.value:
+                beyond = "beyond" if k.interval[1] < u.interval[0] else "within"
+                notes.append(f"sanity ({where}): known randomness ({100 * k.value:.1f}%) below unknown "
+                             f"{other['cell']['threat']} ({100 * u.value:.1f}%, {beyond} the 95% intervals): "
+                             "the attack is too weak to trust on this defense")
+    if checked:
+        notes.append(f"deployments: in all {checked} cells of random defenses every deployment's rate was recomputed "
+                     "from the per-pair draws and votes" + ("" if any("do not follow" in n for n in notes)
+                                                             else " and matches the record"))
+    return notes
 
 
 def cell_display(record: dict) -> str:
@@ -221,6 +364,7 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
                  for reason, where in reasons.items()]
         notes += minimal_budget_notes([by[k] for k in by if k[0] == m])
         notes += sanity_notes([by[k] for k in by if k[0] == m])
+        notes += deployment_notes([by[k] for k in by if k[0] == m])
         notes += dataset_notes([by[k] for k in by if k[0] == m])  # threshold source, clean ROC (datasets)
         # The Markdown table shows one budget of each sweep; CSV and JSON keep them all.
         # Rows sorted by the first worst-case column (lowest FAR first; skipped rows last).
@@ -238,7 +382,8 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
                                  {d: worst[d] for d in defenses})
         if (line := identity_note(model_records)) is not None:
             notes.append(line)
-        out[m] = {"headers": headers, "rows": rows, "raw": raw, "notes": notes, "paired": paired,
+        sections = [s for s in (deployment_section(suite, model_records, threats), known_section(model_records)) if s]
+        out[m] = {"headers": headers, "rows": rows, "raw": raw, "notes": notes, "paired": paired, "sections": sections,
                   "md_headers": [headers[i] for i in shown], "md_rows": [[row[i] for i in shown] for row in rows],
                   "md_paired": [c for c in paired if c.startswith("worst case ") or suite.shown(c)]}
     return out
@@ -423,6 +568,9 @@ def render(suite: Suite, records: list[dict], out_dir: str | Path,
                    "differ at p < 0.05, `~` where they do not (uncorrected for the number of tests; every "
                    f"pairwise test is in `{model}.json`).", ""]
             md += [f"- {c}: {t['paired'][c]['ranking']}" for c in t["md_paired"]]
+        for section in t["sections"]:
+            md += ["", f"### {section['title']}", "", section["caption"], "",
+                   tabulate(section["rows"], headers=section["headers"], tablefmt="github", disable_numparse=True)]
         if suite.sweeps():
             md += ["", "Budget sweeps (`eps: [...]`) show one budget in the table (column `LABEL@EPS`); "
                    f"`{model}.csv` and `{model}.json` hold every budget."]
@@ -434,7 +582,8 @@ def render(suite: Suite, records: list[dict], out_dir: str | Path,
         csv.writer(buf).writerows([t["headers"], *t["rows"]])
         paths["csv"].write_text(buf.getvalue())
         write_json_atomic(paths["json"], {"suite": suite.name, "model": model, "rows": t["raw"],
-                                          "paired": t["paired"], "notes": t["notes"]})
+                                          "paired": t["paired"], "notes": t["notes"],
+                                          **{s["id"]: s["raw"] for s in t["sections"]}})
         written += list(paths.values())
     return written
 

@@ -260,6 +260,12 @@ def _index(suite: Suite, records: list[dict], docs: str) -> str:
                          "where they do not):</p><ul class=\"note\">"
                          + "".join(f"<li>{_e(c)}: {_e(v['ranking'])}</li>" for c, v in t["paired"].items()) + "</ul>")
         parts.append('<ul class="note">' + "".join(f"<li>{_e(n)}</li>" for n in t["notes"]) + "</ul>")
+        for section in t["sections"]:  # the random defenses' deployments, known randomness
+            parts.append(f'<h3>{_e(section["title"])}</h3><p class="note">{_e(section["caption"])}</p>'
+                         f'<table class="section" id="{_e(section["id"])}-{_e(model)}"><thead><tr>'
+                         + "".join(f"<th>{_e(h)}</th>" for h in section["headers"]) + "</tr></thead><tbody>"
+                         + "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in section["rows"])
+                         + "</tbody></table>")
         parts += _curves(suite, model, by)
     return _page(f"iwmf-bench {suite.name}", "\n".join(parts), SCRIPT)
 

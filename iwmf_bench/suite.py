@@ -23,6 +23,7 @@ from .devices import resolve_device
 from .errors import BenchError
 from . import image_sets
 from .pipeline import data_spec, dataset_pairs, threshold
+from .attacks.known import RANDOMNESS
 from .pipeline.cell import REQUIRES, SETTINGS, SURROGATE_KEYS, Cell
 from .pipeline.surrogate import resolve_surrogate
 from .util import SUITE_KEYS
@@ -143,7 +144,7 @@ def validate(suite: "Suite") -> None:
     for label, opts in suite.threat_models.items():
         if opts["attack"] is None:
             continue
-        suite_keys = ("attack", "setting", *SURROGATE_KEYS, *THREAT_SUITE_KEYS)
+        suite_keys = ("attack", "setting", "randomness", *SURROGATE_KEYS, *THREAT_SUITE_KEYS)  # not the attack's
         rest = {k: v for k, v in opts.items() if k not in suite_keys}
         if isinstance(rest.get("eps"), list):  # a sweep: each budget is checked as its own attack
             rest["eps"] = rest["eps"][0]
@@ -257,6 +258,13 @@ def load_suite(path: str | Path) -> Suite:
                              "for clean images)")
         if opts["attack"] is not None and opts.setdefault("setting", "transfer") not in SETTINGS:
             raise BenchError(f"{path}: threat_models.{label}.setting must be one of {SETTINGS}")
+        if "randomness" in opts:
+            if opts["randomness"] not in RANDOMNESS:
+                raise BenchError(f"{path}: threat_models.{label}.randomness must be one of {RANDOMNESS}, "
+                                 f"got {opts['randomness']!r}")
+            if opts["randomness"] == "known" and opts.get("setting") != "adaptive":
+                raise BenchError(f"{path}: threat_models.{label}: randomness: known needs setting: adaptive "
+                                 "(the attacker knows the draws of the defense in its loop)")
         check_budgets(path, label, opts)
     data = dict(raw["data"])
     kinds = [k for k in (data_spec.IMAGE_SET, "dataset", "sources") if k in data]

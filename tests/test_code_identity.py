@@ -197,7 +197,7 @@ def test_provenance_check_passes_on_the_committed_leaderboards_and_names_stale_c
     committed = {json.loads(p.read_text())["name"] for p in (ROOT / "leaderboards" / "smoke" / "cells").glob("*.json")}
     assert named == {n for n in committed if n.split("/")[1] == "jpeg-50"} and named
     assert all("code changed: defense (" in x for x in lines)
-    assert "iwmf-bench: error: provenance check failed for smoke: 5 committed cell(s)" in stale.stderr
+    assert "iwmf-bench: error: provenance check failed for smoke: 6 committed cell(s)" in stale.stderr
 
 
 @pytest.mark.parametrize("suite", sorted(p.name for p in (ROOT / "leaderboards").iterdir() if (p / "cells").is_dir()))

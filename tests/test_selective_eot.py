@@ -1,5 +1,6 @@
-"""Selective EOT: the gradient weights only the draws not yet broken, on a toy problem
-where every draw's objective and gradient can be computed by hand."""
+"""Selective EOT: the gradient weights only the draws not yet broken; majority EOT: the
+k-th best draw of each vote. On a toy problem where every draw's objective and gradient
+can be computed by hand."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import torch
 from iwmf_bench import registry
 from iwmf_bench.attacks.base import AttackTask, make_generator
 from iwmf_bench.attacks.eot import APGDEOT
+from iwmf_bench.attacks.majority_eot import MajorityEOT, majority_weights, needed
 from iwmf_bench.attacks.selective_eot import SelectiveEOT, selective_weights
 from iwmf_bench.defenses.gaussian_noise import GaussianNoise
+from iwmf_bench.errors import BenchError
 from iwmf_bench.models.base import FaceModel
 
 
@@ -91,3 +94,40 @@ def test_registered_and_runs_as_an_adaptive_attack():
     assert result.adversarial.shape == task.sources.shape
     assert (result.adversarial - task.sources).abs().max() <= 0.1 + 1e-6
     assert int(result.queries[0]) == 4 * 4  # (steps + 1) x draws: APGD-EOT's cost
+
+
+def test_majority_weights_take_the_open_draws_among_the_k_best():
+    # one vote of 4 draws (rows), 3 images (columns); k = 3 draws must be won
+    obj = torch.tensor([[0.5, -1.0, 0.9], [-0.3, -2.0, 0.1], [0.2, 0.7, 0.4], [-0.9, -0.5, 0.3]])
+    kth, w = majority_weights(obj, obj >= 0, 3)
+    # image 0: best three are draws 0, 2, 1 (0.5, 0.2, -0.3): only draw 1 is open
+    # image 1: best three 2, 3, 0 (0.7, -0.5, -1.0): draws 3 and 0 open
+    # image 2: best three 0, 2, 3, all won: uniform over them
+    assert torch.allclose(kth, torch.tensor([-0.3, -1.0, 0.3]))
+    expected = torch.tensor([[0.0, 0.5, 1 / 3], [1.0, 0.0, 0.0], [0.0, 0.0, 1 / 3], [0.0, 0.5, 1 / 3]])
+    assert torch.allclose(w, expected)
+    assert needed(10, "impersonation") == 6 and needed(10, "dodging") == 5 and needed(5, "dodging") == 3
+
+
+def test_majority_eot_gradient_follows_the_kth_best_draw_of_each_vote():
+    task = _task()
+    draws, vote = 8, 4
+    attack = MajorityEOT(norm="Linf", eps=0.1, steps=2, eot_iter=draws, vote=vote, grad_mode="exact")
+    x = task.sources
+    objs, grads = _per_draw(attack, task, x, draws)
+    loss, grad, used = attack._loss_and_grad(task, x, make_generator(task.seed, attack.name, "defense"), "exact",
+                                             draws)
+    assert used == draws
+    k = vote // 2 + 1
+    want_loss, want_grad = torch.zeros(x.shape[0]), torch.zeros_like(x)
+    for v in range(draws // vote):
+        for i in range(x.shape[0]):
+            o = objs[v * vote:(v + 1) * vote, i]
+            best = sorted(range(vote), key=lambda d: -float(o[d]))[:k]
+            want_loss[i] += sorted(o.tolist(), reverse=True)[k - 1]
+            open_ = [d for d in best if o[d] < 0] or best
+            want_grad[i] += torch.stack([grads[v * vote + d, i] for d in open_]).mean(dim=0)
+    assert torch.allclose(loss, want_loss / (draws // vote), atol=1e-6)
+    assert torch.allclose(grad, want_grad / (draws // vote), atol=1e-6)
+    with pytest.raises(BenchError, match="vote must be a positive integer dividing eot_iter"):
+        MajorityEOT(eps=0.1, eot_iter=10, vote=4)

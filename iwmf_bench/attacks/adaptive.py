@@ -32,6 +32,8 @@ from ..errors import BenchError
 from .base import GOALS, AttackResult, AttackTask, is_random, make_generator
 from .eot import APGDEOT
 
+EVALUATE_BATCH = 64  # images per purification call at scoring (the draws depend on it: keep it)
+
 
 @dataclass
 class Evaluation:
@@ -42,6 +44,7 @@ class Evaluation:
     n_draws: int
     accepted: torch.Tensor  # (N, n_draws) bool: was submission (i, d) accepted?
     margin: torch.Tensor  # (N, n_draws) verification margin (> 0: accepted) of each submission
+    embeddings: torch.Tensor | None = None  # (n_draws, N, D) of the purified submissions (CPU)
 
     def to_dict(self) -> dict[str, Any]:
         return {"single_shot": self.single_shot.to_dict(), "worst_of_n": self.worst_of_n.to_dict(),
@@ -51,11 +54,13 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(model, defense: Defense | None, adv: torch.Tensor, references: torch.Tensor, seed: int,
              n_draws: int = 10, goal: str = "impersonation", threshold: float | None = None,
-             batch_size: int = 64) -> Evaluation:
+             batch_size: int = EVALUATE_BATCH, stream: tuple = ("evaluate",)) -> Evaluation:
     """Score ``data.quantize(adv)`` (the 8-bit images an attacker submits) against
     ``references`` through ``defense`` (None: undefended) on fresh randomness.
 
-    Draws come from the task seed's ``"evaluate"`` stream, which no attack uses.
+    Draws come from the task seed's ``stream`` (``"evaluate"``, which no attack uses
+    unless the threat model gives it the randomness: :mod:`.known`), in the order of
+    :func:`scorer_draws`.
     """
     if goal not in GOALS:
         raise BenchError(f"evaluate: goal must be one of {GOALS}, got {goal!r}")
@@ -68,25 +73,39 @@ def evaluate(model, defense: Defense | None, adv: torch.Tensor, references: torc
     thr = float(model.threshold if threshold is None else threshold)
     random = defense is not None and (defense.stochastic or is_random(defense, x[:2], seed))
     draws = int(n_draws) if random else 1
-    generator = make_generator(seed, "evaluate")
-    accepted, margin = [], []
-    for _ in range(draws):
-        ok, mg = [], []
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size]
-            z = xb if defense is None else defense.purify(xb, generator)
-            s = metrics.scores(model.embed(z), references[i:i + batch_size], model.metric)
-            ok.append(metrics.accepts(s, thr, model.metric))
-            mg.append(metrics.margin(s, thr, model.metric))
-        accepted.append(torch.cat(ok).cpu())
-        margin.append(torch.cat(mg).cpu())
+    accepted, margin, embeddings = [], [], []
+    for z in scorer_draws(defense, x, make_generator(seed, *stream), draws, batch_size):
+        emb = torch.cat([model.embed(z[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+        s = metrics.scores(emb, references, model.metric)
+        accepted.append(metrics.accepts(s, thr, model.metric).cpu())
+        margin.append(metrics.margin(s, thr, model.metric).cpu())
+        embeddings.append(emb.cpu())
     accepted, margin = torch.stack(accepted, dim=1), torch.stack(margin, dim=1)
     success = accepted if goal == "impersonation" else ~accepted
     # The draws of one image are not independent trials: its interval counts images.
     return Evaluation(single_shot=metrics.Rate(int(success.sum()), int(success.numel()),
                                                clusters=int(success.shape[0]) if draws > 1 else None),
                       worst_of_n=metrics.Rate(int(success.any(dim=1).sum()), int(success.shape[0])),
-                      n_draws=draws, accepted=accepted, margin=margin)
+                      n_draws=draws, accepted=accepted, margin=margin, embeddings=torch.stack(embeddings))
+
+
+def scorer_draws(defense: Defense | None, x, generator: torch.Generator, draws: int,
+                 batch_size: int = EVALUATE_BATCH, grad_mode: str = "none"):
+    """The scorer's purifications of ``x``, one ``(N, ...)`` tensor per draw: draw by draw,
+    each batch of ``batch_size`` images in turn, one generator carried along. The one place
+    that order is written: the scorer (:func:`evaluate`) and an attacker that knows the
+    randomness (:class:`~iwmf_bench.attacks.known.KnownDraws`) both purify through it, so
+    they see the same draws by construction. ``x``: the images, or one copy of them per draw
+    (an attacker's, each with its own gradient; the draws depend on the shapes only)."""
+    copies = list(x) if isinstance(x, (list, tuple)) else [x] * draws
+    if len(copies) != draws:
+        raise BenchError(f"scorer_draws: {len(copies)} copies of the images for {draws} draws")
+    for z in copies:
+        if defense is None:
+            yield z
+        else:
+            yield torch.cat([defense.purify(z[i:i + batch_size], generator, grad_mode)
+                             for i in range(0, z.shape[0], batch_size)])
 
 
 class Adaptive(APGDEOT):

@@ -12,6 +12,8 @@ task with ``defense=None`` and it is plain APGD (the transfer setting).
 
 from __future__ import annotations
 
+import torch
+
 from .apgd import APGD
 
 
@@ -23,3 +25,18 @@ class APGDEOT(APGD):
     def __init__(self, norm: str = "Linf", eps: float | None = None, steps: int = 40, eot_iter: int = 20,
                  grad_mode: str | None = None, goal: str = "impersonation"):
         super().__init__(norm=norm, eps=eps, steps=steps, eot_iter=eot_iter, grad_mode=grad_mode, goal=goal)
+
+    def per_draw(self, task, x, generator, grad_mode, draws) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every draw's objective ``(draws, N)`` and gradient ``(draws, *x.shape)`` of one
+        step (the same draws, in the same order, as :meth:`_loss_and_grad` takes): what an
+        EOT that weights its draws (selective, majority) combines."""
+        n = x.shape[0]
+        objectives, grads = [], []
+        for group in self.draw_groups(draws):
+            xs = x.detach().repeat(group, 1, 1, 1).requires_grad_(True)
+            with torch.enable_grad():
+                obj = self.objective_draws(task, xs, generator, grad_mode, group)
+                (grad,) = torch.autograd.grad(obj.sum(), xs, allow_unused=True)
+            objectives.append(obj.detach().view(group, n))
+            grads.append(torch.zeros_like(xs) if grad is None else grad.detach())
+        return torch.cat(objectives), torch.cat(grads).view(draws, *x.shape)

@@ -43,16 +43,7 @@ class SelectiveEOT(APGDEOT):
         if task.defense is None or draws == 1:
             return super()._loss_and_grad(task, x, generator, grad_mode, draws)
         n = x.shape[0]
-        objectives, grads = [], []
-        for group in self.draw_groups(draws):  # the same draws, in the same order, as APGD-EOT's
-            xs = x.detach().repeat(group, 1, 1, 1).requires_grad_(True)
-            with torch.enable_grad():
-                obj = self.objective_draws(task, xs, generator, grad_mode, group)
-                (grad,) = torch.autograd.grad(obj.sum(), xs, allow_unused=True)
-            objectives.append(obj.detach().view(group, n))
-            grads.append(torch.zeros_like(xs) if grad is None else grad.detach())
-        obj = torch.cat(objectives)  # (draws, N)
-        grad = torch.cat(grads).view(draws, *x.shape)
+        obj, grad = self.per_draw(task, x, generator, grad_mode, draws)
         weights = selective_weights(obj, self.succeeded(obj))
         total_grad = (weights.view(draws, n, 1, 1, 1).to(grad.dtype) * grad).sum(dim=0)
         return obj.mean(dim=0), total_grad, draws

@@ -47,7 +47,7 @@ def build_defense(cell: Cell):
 
 
 def build_attack(cell: Cell):
-    opts = {k: v for k, v in cell.threat_options.items() if k not in SURROGATE_KEYS}
+    opts = {k: v for k, v in cell.threat_options.items() if k not in SURROGATE_KEYS and k != "randomness"}
     name, _ = opts.pop("attack"), opts.pop("setting", None)
     return registry.create("attacks", name, **opts)
 

@@ -18,6 +18,7 @@ from typing import Any
 from importlib.metadata import PackageNotFoundError, version
 
 from .. import code_identity, registry
+from ..attacks.known import check_randomness
 
 SETTINGS = ("transfer", "adaptive")
 REQUIRES = ("cuda",)  # ``requires: cuda``: skip the entry's cells on a machine without a GPU
@@ -127,6 +128,12 @@ class Cell:
     def setting(self) -> str | None:
         """``None`` (clean images), ``"transfer"`` or ``"adaptive"``."""
         return self.threat_options.get("setting") if self.threat_options.get("attack") else None
+
+    @property
+    def randomness(self) -> str:
+        """``"unknown"`` (the default: the attacker draws its own randomness) or ``"known"``
+        (it knows the draws the scorer uses: :mod:`iwmf_bench.attacks.known`)."""
+        return check_randomness(self.threat_options.get("randomness", "unknown"))
 
     @property
     def goal(self) -> str:

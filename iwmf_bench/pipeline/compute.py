@@ -23,7 +23,7 @@ from ..errors import BenchError, MissingExtraError, NotApplicableError, WeightsE
 from .build import build_defense, build_model, check_applicable, missing_weights
 from . import data_spec
 from .cell import Cell
-from .craft import Adaptive, Clean, Crafted, Crafter, CraftTask, Transfer, attack_pairs
+from .craft import Adaptive, Clean, Crafted, Crafter, CraftTask, Transfer, attack_pairs, transfer_ident
 from .dataset_pairs import DatasetPairs
 from .folder_pairs import FolderPairs
 from .pairs import PairSource
@@ -77,9 +77,7 @@ def prepare(cell: Cell, stage: Callable[[str], None] = lambda s: None) -> Prepar
 def images_ident(cell: Cell) -> str:
     """The folder name of a cell's saved adversarial images: the identity of its crafting
     (transfer images are shared by every defense of a model, like their cache)."""
-    if cell.setting == "transfer":
-        return cell.derived(defense="-", defense_options={}, evaluation={}).key
-    return cell.key
+    return transfer_ident(cell) if cell.setting == "transfer" else cell.key
 
 
 def images_dir(cell: Cell, results_root: str | Path) -> Path:
@@ -103,10 +101,16 @@ def compute_cell(cell: Cell, results_root: Path | None = None,
     stage("attack")
     crafted = crafter(cell).craft(CraftTask(cell, p.model, p.defense, p.source, p.pairs, p.refs, results_root))
 
-    stage("evaluate")
-    out = score(cell, p.model, p.defense, p.pairs, p.gen, crafted, p.refs)
+    out = scored(cell, p, crafted, stage)
     if results_root is not None:
         out.adversarial_images = save_scored_images(cell, crafted, p.pairs, results_root)
+    return out
+
+
+def scored(cell: Cell, p: Prepared, crafted: Crafted, stage: Callable[[str], None]) -> CellMetrics:
+    """The cell's metrics of the crafted (or loaded) images, with the threshold's source."""
+    stage("evaluate")
+    out = score(cell, p.model, p.defense, p.pairs, p.gen, crafted, p.refs)
     out.threshold_source = p.threshold_source
     return out
 
@@ -129,11 +133,7 @@ def rescore_cell(cell: Cell, folder: str | Path, stage: Callable[[str], None] = 
     if loaded.ids != list(range(probes.shape[0])):
         raise BenchError(f"{folder}: image ids must be the pair indices 0..{probes.shape[0] - 1} "
                          f"(got {loaded.ids[:5]}...)")
-    stage("evaluate")
-    crafted = Crafted(loaded.images.to(cell.device))
-    out = score(cell, p.model, p.defense, p.pairs, p.gen, crafted, p.refs)
-    out.threshold_source = p.threshold_source
-    return out
+    return scored(cell, p, Crafted(loaded.images.to(cell.device)), stage)
 
 
 def run_cell(cell: Cell | dict, results_root: str | Path | None, stage: Callable[[str], None] = lambda s: None) -> dict:

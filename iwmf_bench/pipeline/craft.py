@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..attacks.base import AttackTask
+from ..attacks.known import known_view
 from ..defenses.base import Defense
 from ..util import batched, save_tensors_atomic
 from .build import build_attack
@@ -106,10 +107,16 @@ class Clean(Crafter):
         return Crafted(attack_pairs(task.pairs, task.cell.goal)[0].to(task.cell.device))
 
 
+def transfer_ident(cell: Cell) -> str:
+    """The identity of a transfer attack's images: the cell without its defense (and
+    scoring), shared by every defense of the model."""
+    return cell.derived(defense="-", defense_options={}, evaluation={}).key
+
+
 def transfer_images(cell: Cell, model, pairs: Pairs, results_root: Path | None) -> tuple[torch.Tensor, dict]:
     """The cell's attack on the undefended model: the same for every defense of the model,
     so computed once per (model, threat model) and cached beside the results."""
-    ident = cell.derived(defense="-", defense_options={}, evaluation={}).key
+    ident = transfer_ident(cell)
     path = (Path(results_root) / cell.suite / "adversarial" / f"{ident}.pt") if results_root else None
     dev = cell.device
 
@@ -130,9 +137,15 @@ class Transfer(Crafter):
 
 
 class Adaptive(Crafter):
-    """The attack with the cell's defense in its loop."""
+    """The attack with the cell's defense in its loop; with ``randomness: known``, the
+    defense as it will be scored: its scorer's draws replayed (:mod:`~iwmf_bench.attacks.known`)."""
 
     def craft(self, task: CraftTask) -> Crafted:
-        probes = attack_pairs(task.pairs, task.cell.goal)[0].to(task.cell.device)
-        adv, info = run_attack(task.cell, task.model, probes, task.references, task.defense)
+        cell = task.cell
+        probes = attack_pairs(task.pairs, cell.goal)[0].to(cell.device)
+        defense = task.defense
+        if cell.randomness == "known":
+            defense = known_view(defense, cell.seed, int(cell.evaluation.get("draws", 10)), probes,
+                                 int(cell.threat_options.get("eot_iter", 1)))
+        adv, info = run_attack(cell, task.model, probes, task.references, defense)
         return Crafted(adv, info)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any
 
 import torch
 

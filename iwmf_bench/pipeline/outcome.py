@@ -21,6 +21,42 @@ from typing import Any
 from ..metrics import Rate
 
 GOALS = ("impersonation", "dodging")
+DEPLOYMENTS = ("single-shot", "worst-of-n", "majority")
+
+
+def deployment_accepts(deployment: str, accepted: int, draws: int) -> float:
+    """Whether a submission with ``accepted`` of ``draws`` purifications accepted is
+    accepted by the system (single-shot: the chance that one purification accepts it;
+    worst-of-N: the submitter retries up to N times, accepted once any draw is; majority:
+    purify N times, accept when more than half of the draws are accepted)."""
+    if not 0 <= accepted <= draws:
+        raise ValueError(f"{accepted} accepted draws out of {draws}")
+    if deployment == "single-shot":
+        return accepted / draws
+    if deployment == "worst-of-n":
+        return float(accepted > 0)
+    if deployment == "majority":
+        return float(2 * accepted > draws)
+    raise ValueError(f"deployment must be one of {DEPLOYMENTS}, got {deployment!r}")
+
+
+@dataclass
+class Votes:
+    """Per trial (an image scored against one reference), how many of ``draws`` purifications
+    the system accepted: what every deployment's rate is computed from."""
+
+    draws: int
+    accepted: list[int]
+
+    def rate(self, deployment: str, rejected: bool = False) -> Rate:
+        """The deployment's acceptance rate over the trials (``rejected``: the rejection
+        rate, an FRR); single-shot counts every draw, its interval the trials."""
+        d, n = self.draws, len(self.accepted)
+        if deployment == "single-shot":
+            k = sum(self.accepted)
+            return Rate(d * n - k if rejected else k, d * n, clusters=n if d > 1 else None)
+        k = int(sum(deployment_accepts(deployment, a, d) for a in self.accepted))
+        return Rate(n - k if rejected else k, n)
 
 
 def rate_from(d: dict, name: str = "rate") -> Rate:
@@ -55,6 +91,37 @@ class PerPair:
     @classmethod
     def from_dict(cls, d: dict) -> "PerPair":
         return cls(**d)
+
+
+@dataclass
+class DeploymentRates:
+    """One deployment's rates (see :func:`deployment_accepts`): the attack's success, the FRR
+    of purified genuine images, the FRR of purified adversarial images against their true
+    identity."""
+
+    success: Rate
+    frr_genuine: Rate
+    frr_adv_true_identity: Rate
+
+    def to_dict(self, rate_name: str) -> dict:
+        return {rate_name: self.success.to_dict(), "frr_genuine": self.frr_genuine.to_dict(),
+                "frr_adv_true_identity": self.frr_adv_true_identity.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict, rate_name: str) -> "DeploymentRates":
+        return cls(rate_from(d[rate_name], rate_name), rate_from(d["frr_genuine"], "frr_genuine"),
+                   rate_from(d["frr_adv_true_identity"], "frr_adv_true_identity"))
+
+
+def attack_success(successes: list[int], draws: int, deployment: str, goal: str) -> Rate:
+    """The attack's rate under a deployment from its per-pair successful draws (accepted;
+    dodging: rejected). Worst-of-N is the attacker's: a pair counts once any draw succeeds,
+    for dodging too (one rejection gets a dodger through)."""
+    if deployment == "single-shot":
+        return Votes(draws, successes).rate("single-shot")
+    if deployment == "worst-of-n" or goal == "impersonation":
+        return Votes(draws, successes).rate(deployment)
+    return Votes(draws, [draws - k for k in successes]).rate("majority", rejected=True)
 
 
 @dataclass
@@ -96,6 +163,13 @@ class CellMetrics:
     clean: dict | None = None  # dataset sources: clean verification (ROC) of the defense
     dropped_pairs_no_face: int | None = None
     adversarial_images: str | None = None  # under results/<suite>/, where the run saved them
+    # A random defense (more than one draw): per-trial votes of the genuine images and of the
+    # adversarial images against their true identity, and every deployment's rates from them.
+    votes: dict[str, Votes] | None = None  # "genuine", "adversarial_true_identity"
+    deployments: dict[str, DeploymentRates] | None = None  # by DEPLOYMENTS name
+    # Known randomness (``randomness: known``): the same images scored on fresh draws, i.e.
+    # what the attack keeps when its knowledge of the draws turns out wrong.
+    fresh_draws: dict[str, Any] | None = None  # {"successes": [...], "draws": N, deployment: Rate}
 
     def __post_init__(self):
         if self.goal not in GOALS:
@@ -117,7 +191,17 @@ class CellMetrics:
             out[name] = getattr(self, name).to_dict()
         if self.attack is not None:
             out["attack"] = self.attack.to_dict()
+        if self.deployments is not None:
+            out["deployments"] = {k: v.to_dict(self.rate_name) for k, v in self.deployments.items()}
+        if self.fresh_draws is not None:
+            out["fresh_draws"] = {k: v.to_dict() if isinstance(v, Rate) else v for k, v in self.fresh_draws.items()}
         return out
+
+    def deployment(self, name: str) -> DeploymentRates:
+        """A deployment's rates; a deterministic defense (one draw) has one for all three."""
+        if self.deployments is not None:
+            return self.deployments[name]
+        return DeploymentRates(self.success, self.frr_genuine, self.frr_adv_true_identity)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CellMetrics":
@@ -129,6 +213,12 @@ class CellMetrics:
                     frr_adv_true_identity=rate_from(d["frr_adv_true_identity"], "frr_adv_true_identity"),
                     per_pair=PerPair.from_dict(d["per_pair"]),
                     attack=AttackFacts.from_dict(d["attack"]) if d.get("attack") else None)
+        if d.get("votes"):
+            rest["votes"] = {k: Votes(**v) for k, v in d["votes"].items()}
+        if d.get("deployments"):
+            rest["deployments"] = {k: DeploymentRates.from_dict(v, rate) for k, v in d["deployments"].items()}
+        if d.get("fresh_draws"):
+            rest["fresh_draws"] = {k: rate_from(v, k) if k in DEPLOYMENTS else v for k, v in d["fresh_draws"].items()}
         return cls(goal=goal, success=rate_from(d[rate], rate),
                    success_worst_of_n=rate_from(d[f"{rate}_worst_of_n"], f"{rate}_worst_of_n"), **rest)
 

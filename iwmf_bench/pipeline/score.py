@@ -22,13 +22,14 @@ import torch
 
 from .. import metrics, roc
 from ..attacks.adaptive import evaluate
-from ..attacks.base import make_generator
+from ..attacks.base import is_random, make_generator
+from ..attacks.known import FRESH_STREAM
 from ..attacks.min_eps import median_budget
 from ..data import quantize
 from ..util import batched
 from .cell import Cell
 from .craft import Crafted, attack_pairs
-from .outcome import AttackFacts, CellMetrics, PerPair
+from .outcome import DEPLOYMENTS, AttackFacts, CellMetrics, DeploymentRates, PerPair, Votes, attack_success
 from .pairs import Pairs
 
 
@@ -37,14 +38,31 @@ class Genuine:
     refs: torch.Tensor  # targets' embeddings (impersonation references)
     source_refs: torch.Tensor  # sources' clean embeddings
     seconds_per_image: float
-    frr_genuine: metrics.Rate
+    votes: Votes  # per same-identity pair, accepted draws of the purified genuine image
 
 
-def cross_identity_frr(emb: torch.Tensor, ref: torch.Tensor, labels: list[int], threshold: float,
-                       metric: str) -> metrics.Rate:
-    """FRR over same-identity pairs (i, j), i != j: image i (processed) vs clean image j."""
-    return metrics.far_frr(metrics.pair_scores(emb, ref, metric).cpu(), labels, labels, threshold, metric,
-                           exclude_diagonal=True)["frr"]
+def cross_identity_votes(embs, ref: torch.Tensor, labels: list[int], threshold: float, metric: str) -> Votes:
+    """Over same-identity pairs (i, j), i != j (row-major order), how many draws accept
+    image i (processed; ``embs``: one embedding batch per draw) against clean image j."""
+    la = torch.as_tensor(list(labels))
+    pairs = (la.view(-1, 1) == la.view(1, -1)) & ~torch.eye(len(la), dtype=torch.bool)
+    counts = sum(metrics.accepts(metrics.pair_scores(e.to(ref.device), ref, metric).cpu(), threshold, metric).long()
+                 for e in embs)
+    return Votes(len(embs), [int(c) for c in counts[pairs].tolist()])
+
+
+def matched_votes(embs, refs: torch.Tensor, threshold: float, metric: str) -> Votes:
+    """Per row i, how many draws accept image i (``embs``: one batch per draw) against reference i."""
+    counts = sum(metrics.accepts(metrics.scores(e.to(refs.device), refs, metric), threshold, metric).long().cpu()
+                 for e in embs)
+    return Votes(len(embs), [int(c) for c in counts.tolist()])
+
+
+def draws_of(cell: Cell, defense, x: torch.Tensor) -> int:
+    """Purifications per image at scoring: the cell's ``evaluation.draws`` for a random
+    defense, one for a deterministic one (the test :func:`evaluate` applies)."""
+    random = defense.stochastic or is_random(defense, x[:2], cell.seed)
+    return int(cell.evaluation.get("draws", 10)) if random else 1
 
 
 _GENUINE: dict[str, Genuine] = {}  # per process, by the (model, defense, data, seed) identity
@@ -69,12 +87,15 @@ def genuine(cell: Cell, model, defense, pairs: Pairs) -> Genuine:
     purified = batched(lambda x: defense.purify(x, gen), targets, batch)
     if dev.startswith("cuda"):
         torch.cuda.synchronize()
-    seconds_per_image = (time.perf_counter() - start) / n
-    frr = cross_identity_frr(batched(model.embed, purified, batch), refs, pairs.target_labels,
-                             model.threshold, model.metric)
+    seconds_per_image = (time.perf_counter() - start) / n  # the first draw's
+    embs = [batched(model.embed, purified, batch)]
+    with torch.no_grad():  # the other draws, from the same generator
+        for _ in range(draws_of(cell, defense, targets) - 1):
+            embs.append(batched(model.embed, batched(lambda x: defense.purify(x, gen), targets, batch), batch))
+    votes = cross_identity_votes(embs, refs, pairs.target_labels, model.threshold, model.metric)
     if len(_GENUINE) >= 64:
         _GENUINE.pop(next(iter(_GENUINE)))
-    _GENUINE[ident] = Genuine(refs, source_refs, seconds_per_image, frr)
+    _GENUINE[ident] = Genuine(refs, source_refs, seconds_per_image, votes)
     return _GENUINE[ident]
 
 
@@ -87,13 +108,15 @@ def references(cell: Cell, model, pairs: Pairs, gen: Genuine) -> torch.Tensor:
 
 
 def score(cell: Cell, model, defense, pairs: Pairs, gen: Genuine, crafted: Crafted, refs: torch.Tensor) -> CellMetrics:
-    """The metrics of one cell (see the module docstring); ``refs``: :func:`references`."""
-    batch, goal = cell.batch_size, cell.goal
+    """The metrics of one cell (see the module docstring); ``refs``: :func:`references`.
+
+    Every deployment's rates come from the same draws: the ``draws`` purifications of each
+    adversarial image (scored against the attack's reference and, for the FRR of
+    adversarial images, against their true identity) and of each genuine image."""
+    goal = cell.goal
     seen_through = crafted.scoring_defense or defense
-    ev = evaluate(model, seen_through, crafted.adversarial, refs, cell.seed,
-                  n_draws=int(cell.evaluation.get("draws", 10)), goal=goal)
-    stream = make_generator(cell.seed, "harness", "adversarial-identity")
-    purified_adv = batched(lambda x: seen_through.purify(x, stream), quantize(crafted.adversarial), batch)
+    n_draws = int(cell.evaluation.get("draws", 10))
+    ev = evaluate(model, seen_through, crafted.adversarial, refs, cell.seed, n_draws=n_draws, goal=goal)
     labels = attack_pairs(pairs, goal)[2]
     info = crafted.info
     min_eps = None
@@ -101,20 +124,38 @@ def score(cell: Cell, model, defense, pairs: Pairs, gen: Genuine, crafted: Craft
         m = info["min_eps"]
         min_eps = {**minimal_budgets(m["min_eps"]), "failed_eps": m["failed_eps"], "converged": m["converged"]}
     if pairs.listed_genuine:  # dataset sources: listed genuine pairs, attacker references, clean ROC
-        frr_genuine, frr_adv, clean = listed_pair_metrics(cell, model, defense, pairs, purified_adv)
+        genuine_votes, adv_votes, clean = listed_pair_metrics(cell, model, defense, pairs, ev)
     else:  # the folder protocol's probes are the sources for either goal
-        frr_genuine, clean = gen.frr_genuine, None
-        frr_adv = cross_identity_frr(batched(model.embed, purified_adv, batch), gen.source_refs, labels,
-                                     model.threshold, model.metric)
+        genuine_votes, clean = gen.votes, None
+        adv_votes = cross_identity_votes(list(ev.embeddings), gen.source_refs, labels, model.threshold, model.metric)
+    per_pair = per_pair_record(pairs, goal, crafted, ev, min_eps)
+    votes = deployments = None
+    if max(genuine_votes.draws, adv_votes.draws, ev.n_draws) > 1:
+        votes = {"genuine": genuine_votes, "adversarial_true_identity": adv_votes}
+        deployments = {d: DeploymentRates(attack_success(per_pair.successes, ev.n_draws, d, goal),
+                                          genuine_votes.rate(d, rejected=True), adv_votes.rate(d, rejected=True))
+                       for d in DEPLOYMENTS}
     return CellMetrics(
         goal=goal, success=ev.single_shot, success_worst_of_n=ev.worst_of_n, draws=ev.n_draws,
-        pairs=crafted.adversarial.shape[0], frr_genuine=frr_genuine, frr_adv_true_identity=frr_adv,
+        pairs=crafted.adversarial.shape[0], frr_genuine=genuine_votes.rate("single-shot", rejected=True),
+        frr_adv_true_identity=adv_votes.rate("single-shot", rejected=True),
         seconds_per_image=gen.seconds_per_image, threshold=model.threshold, metric=model.metric,
-        per_pair=per_pair_record(pairs, goal, crafted, ev, min_eps),
-        attack=AttackFacts.from_dict(info["attack"]) if "attack" in info else None,
+        per_pair=per_pair, attack=AttackFacts.from_dict(info["attack"]) if "attack" in info else None,
         defense_report=defense.report(cell.device), min_eps=min_eps, clean=clean,
         dropped_pairs_no_face=pairs.dropped_pairs_no_face if pairs.dropped_pairs_no_face or pairs.listed_genuine
-        else None)
+        else None, votes=votes, deployments=deployments,
+        fresh_draws=fresh_draws(cell, model, seen_through, crafted, refs) if cell.randomness == "known" else None)
+
+
+def fresh_draws(cell: Cell, model, defense, crafted: Crafted, refs: torch.Tensor) -> dict:
+    """Known randomness: the images on draws the attacker did not know (a stream of their
+    own), each deployment's success and the per-pair successes."""
+    ev = evaluate(model, defense, crafted.adversarial, refs, cell.seed, n_draws=int(cell.evaluation.get("draws", 10)),
+                  goal=cell.goal, stream=FRESH_STREAM)
+    success = ev.accepted if cell.goal == "impersonation" else ~ev.accepted
+    successes = [int(k) for k in success.sum(dim=1).tolist()]
+    return {"draws": ev.n_draws, "successes": successes,
+            **{d: attack_success(successes, ev.n_draws, d, cell.goal) for d in DEPLOYMENTS}}
 
 
 def per_pair_record(pairs: Pairs, goal: str, crafted: Crafted, ev, min_eps: dict | None) -> PerPair:
@@ -152,29 +193,33 @@ def minimal_budgets(values: list[float]) -> dict:
 
 
 @torch.no_grad()
-def listed_pair_metrics(cell: Cell, model, defense, pairs: Pairs,
-                        purified_adv: torch.Tensor) -> tuple[metrics.Rate, metrics.Rate, dict | None]:
-    """FRR on the genuine pairs (purified probe vs clean reference), FRR of purified
-    adversarial images against another image of the attacker (dodging: against the
-    probe's reference), and clean verification (TAR@FAR, AUC, EER, scores for the ROC)
-    of the defense on the genuine pairs and the impersonation pairs taken clean (None
-    without pairs of both kinds)."""
+def listed_pair_metrics(cell: Cell, model, defense, pairs: Pairs, ev) -> tuple[Votes, Votes, dict | None]:
+    """Votes of the genuine pairs (purified probe vs clean reference, ``draws`` draws), of
+    the purified adversarial images (the draws of ``ev``) against another image of the
+    attacker (dodging: against the probe's reference), and clean verification (TAR@FAR,
+    AUC, EER, scores for the ROC) of the defense on the genuine pairs and the impersonation
+    pairs taken clean, one draw (None without pairs of both kinds)."""
     dev, batch, thr, metric = cell.device, cell.batch_size, model.threshold, model.metric
     emb = lambda x: batched(model.embed, x.to(dev), batch).cpu()  # noqa: E731
     gen = {s: make_generator(cell.seed, "dataset", s) for s in ("genuine", "impostor")}
     purify = lambda x, stream: batched(lambda z: defense.purify(z, gen[stream]), x.to(dev), batch)  # noqa: E731
-    genuine_scores = metrics.scores(emb(purify(pairs.genuine_a, "genuine")), emb(pairs.genuine_b), metric)
+    genuine_b = emb(pairs.genuine_b)
+    genuine_embs = [emb(purify(pairs.genuine_a, "genuine"))]
+    if pairs.genuine_a.shape[0]:
+        genuine_embs += [emb(purify(pairs.genuine_a, "genuine"))
+                         for _ in range(draws_of(cell, defense, pairs.genuine_a) - 1)]
+    genuine_scores = metrics.scores(genuine_embs[0], genuine_b, metric)
     impostor_scores = metrics.scores(emb(purify(pairs.sources, "impostor")), emb(pairs.targets), metric)
+    draws = list(ev.embeddings)
     if cell.goal == "dodging":
-        adv_true = metrics.matched_frr(emb(purified_adv), emb(pairs.genuine_b), thr, metric)
+        adv_true = matched_votes(draws, genuine_b, thr, metric)
     elif pairs.attacker_ref_rows:
         rows = pairs.attacker_ref_rows
-        adv_true = metrics.matched_frr(emb(purified_adv[rows]), emb(pairs.attacker_refs), thr, metric)
+        adv_true = matched_votes([e[rows] for e in draws], emb(pairs.attacker_refs), thr, metric)
     else:
-        adv_true = metrics.Rate(0, 0)
-    rejected = int((~metrics.accepts(genuine_scores, thr, metric)).sum())
+        adv_true = Votes(len(draws), [])
     clean = None
     if genuine_scores.numel() and impostor_scores.numel():
         clean = {**roc.clean_summary(genuine_scores, impostor_scores, metric),
                  "genuine_scores": genuine_scores.tolist(), "impostor_scores": impostor_scores.tolist()}
-    return metrics.Rate(rejected, genuine_scores.numel()), adv_true, clean
+    return matched_votes(genuine_embs, genuine_b, thr, metric), adv_true, clean
