@@ -241,7 +241,10 @@ def test_suite_on_lfw_with_calibrated_threshold_end_to_end(lfw_root, tmp_path, m
     assert cal["impostor_pairs"] == 36 and cal["far"]["k"] == 3  # floor(0.1 * 36)
     cell = json.loads((boards / "cells" / "dlib-resnet__iwmf__apgd-adaptive.json").read_text())["metrics"]
     assert cell["threshold"] == cal["threshold"] and cell["pairs"] == 4
-    assert cell["threshold_source"]["far_target"] == 0.1 and cell["frr_genuine"]["n"] == 4
+    assert cell["threshold_source"]["far_target"] == 0.1
+    # IWMF is random: the 4 genuine pairs' FRR counts both draws (its interval the 4 pairs)
+    assert (cell["frr_genuine"]["n"], cell["frr_genuine"]["clusters"]) == (8, 4)
+    assert cell["votes"]["genuine"]["draws"] == 2 and len(cell["votes"]["genuine"]["accepted"]) == 4
     assert cell["clean"]["genuine_pairs"] == 4 and "needs >= 100 impostor pairs" in cell["clean"]["tar_at_far"]["0.01"]["note"]
     md = (boards / "dlib-resnet.md").read_text()
     assert f"threshold {cal['threshold']:.6g} (euclidean, accept <=): calibrated to FAR 0.1 on 36 clean impostor pairs of lfw" in md
