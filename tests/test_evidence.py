@@ -170,7 +170,8 @@ def test_identity_bootstrap_needs_enough_identities_and_widens_for_clustered_pai
 def test_committed_worst_case_is_the_union_of_the_committed_per_pair_records(suite):
     """Every committed cell carries per-pair records, and each committed table's worst case
     equals the union recomputed here from them: per pair the largest accepted fraction over
-    the impersonation threat models within that budget (same norm, eps at most the budget)."""
+    the impersonation threat models within that budget (same norm, eps at most the budget),
+    with the defense's randomness secret (known-randomness cells are another threat model)."""
     root = Path(__file__).resolve().parents[1] / "leaderboards" / suite
     cells = [json.loads(p.read_text()) for p in sorted((root / "cells").glob("*.json"))]
     cells = [c for c in cells if c["status"] == "ok"]  # skipped and n/a cells carry their reason only
@@ -184,6 +185,7 @@ def test_committed_worst_case_is_the_union_of_the_committed_per_pair_records(sui
                 mine = [c for c in cells if c["cell"]["model"] == data["model"] and c["cell"]["defense"] == row["defense"]
                         and c["cell"]["threat_options"].get("attack")
                         and c["cell"]["threat_options"].get("goal", "impersonation") == "impersonation"
+                        and c["cell"]["threat_options"].get("randomness", "unknown") == "unknown"
                         and c["cell"]["threat_options"].get("norm", "Linf") == norm
                         and c["cell"]["threat_options"].get("eps") is not None
                         and c["cell"]["threat_options"]["eps"] <= float(eps) + 1e-12]  # within the budget
