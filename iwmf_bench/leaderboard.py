@@ -70,7 +70,7 @@ def worst_case(records: list[dict]) -> dict[str, dict]:
     decreases with the budget. Known-randomness cells do not count: theirs is another
     threat model (the defense's randomness is no secret), shown in its own table."""
     attacked = [(r, b.split()) for r in records if r["status"] == "ok" and (b := budget_of(r)) is not None
-                and r["cell"]["threat_options"].get("randomness", "unknown") == "unknown"]
+                and randomness_of(r) == "unknown"]
     out = {}
     for budget in sorted({" ".join(nb) for _, nb in attacked}):
         norm, eps = budget.split()
@@ -104,6 +104,11 @@ def per_pair_success(record: dict) -> list[float]:
 
 def is_random_cell(m: CellMetrics) -> bool:
     return m.deployments is not None
+
+
+def randomness_of(record: dict) -> str:
+    """``"known"`` when the cell's attacker knew the scorer's draws, else ``"unknown"``."""
+    return record["cell"]["threat_options"].get("randomness", "unknown")
 
 
 def _short(rate: Rate) -> str:
@@ -151,7 +156,7 @@ def counterpart(known: dict, records: list[dict]) -> dict | None:
         c = r["cell"]
         opts = c["threat_options"]
         if r["status"] == "ok" and c["model"] == known["cell"]["model"] and c["defense"] == known["cell"]["defense"] \
-                and opts.get("randomness", "unknown") == "unknown" \
+                and randomness_of(r) == "unknown" \
                 and {k: v for k, v in opts.items() if k not in loose} == want:
             return r
     return None
@@ -166,7 +171,7 @@ def known_section(records: list[dict]) -> dict | None:
     """Per random defense and known-randomness threat model: its FAR on the draws it knew,
     on fresh draws, and the FAR of the same attack with unknown randomness (the part of the
     robustness that comes from stochasticity is the gap); None without known cells."""
-    known = [r for r in records if r["status"] == "ok" and r["cell"]["threat_options"].get("randomness") == "known"]
+    known = [r for r in records if r["status"] == "ok" and randomness_of(r) == "known"]
     if not known:
         return None
     headers = ["defense", "threat (known)", "budget", "known draws % (single / majority)",
@@ -201,7 +206,7 @@ def deployment_notes(records: list[dict]) -> list[str]:
     """The sanity rules of random defenses, on every cell: each deployment's rates follow
     from the per-pair draws and votes; majority FAR <= worst-of-N FAR; with known
     randomness FAR >= the unknown-randomness FAR of the same attack and budget."""
-    notes, checked = [], 0
+    notes, checked, inconsistent = [], 0, False
     for r in records:
         if r["status"] != "ok" or not is_random_cell(m := metrics_of(r)):
             continue
@@ -218,12 +223,13 @@ def deployment_notes(records: list[dict]) -> list[str]:
                 m.success_worst_of_n.k != m.deployment("worst-of-n").success.k:
             wrong.append("the cell's own single-shot / worst-of-N rates")
         if wrong:
+            inconsistent = True
             notes.append(f"sanity ({where}): {', '.join(wrong)} do not follow from the per-pair draws; the record "
                          "is inconsistent, recompute it")
         if m.deployment("majority").success.value > m.deployment("worst-of-n").success.value:
             notes.append(f"sanity ({where}): majority {m.rate_name} above worst-of-N, which cannot happen; "
                          "recompute it")
-        if r["cell"]["threat_options"].get("randomness") == "known" and (other := counterpart(r, records)):
+        if randomness_of(r) == "known" and (other := counterpart(r, records)):
             k, u = m.success, metrics_of(other).success
             if k.value < u.value:
                 beyond = "beyond" if k.interval[1] < u.interval[0] else "within"
@@ -232,8 +238,7 @@ def deployment_notes(records: list[dict]) -> list[str]:
                              "the attack is too weak to trust on this defense")
     if checked:
         notes.append(f"deployments: in all {checked} cells of random defenses every deployment's rate was recomputed "
-                     "from the per-pair draws and votes" + ("" if any("do not follow" in n for n in notes)
-                                                             else " and matches the record"))
+                     "from the per-pair draws and votes" + ("" if inconsistent else " and matches the record"))
     return notes
 
 
