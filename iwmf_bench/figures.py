@@ -198,3 +198,68 @@ def minimal_budget_curve(suite: Suite, model: str, threat: str, ok: dict, imgs: 
     ax.set_title(f"{model}: {threat}, minimal budgets ({suite.name} suite)", fontsize=9)
     ax.legend(fontsize=6, ncols=2)
     return save_figure(fig, Path(imgs) / f"{suite.name}_mineps_{model}_{threat}.png")
+
+
+def tradeoff_curves(suite: Suite, records: list[dict], imgs: str | Path) -> dict[str, list[Path]]:
+    """``imgs/<suite>_tradeoff_<model>_<budget>.png`` for a suite with strength sweeps
+    (``suite.families``): genuine FRR at the model's threshold (x) against the worst-case
+    FAR of the budget (y), one curve per family in the order of its parameter, the
+    undefended point starred; left at the model's own threshold, right with the threshold
+    re-tuned per setting to equal utility (:mod:`iwmf_bench.equal_utility`). Rows that met
+    fewer threat models than others at a budget are left out of its figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .equal_utility import worst_at_equal_utility
+    from .ranking import comparability
+
+    out: dict[str, list[Path]] = {}
+    if not suite.families:
+        return out
+    ok = [r for r in records if r["status"] == "ok"]
+    for model in dict.fromkeys(r["cell"]["model"] for r in ok):
+        mine = [r for r in ok if r["cell"]["model"] == model]
+        by_def = {d: [r for r in records if r["cell"]["model"] == model and r["cell"]["defense"] == d]
+                  for d in suite.defenses}
+        frr = {d: metrics_of(rs[0]).frr_genuine.value for d in suite.defenses
+               if (rs := [r for r in mine if r["cell"]["defense"] == d])}
+        worst = {d: worst_case(rs) for d, rs in by_def.items() if d in frr}
+        try:
+            eu = worst_at_equal_utility(suite, mine)[1]
+        except ValueError:
+            eu = {}
+        undefended = [d for d, o in suite.defenses.items() if o.get("defense") == "none" and d in frr]
+        for budget in sorted({b for w in worst.values() for b in w}, key=budget_order):
+            apart = comparability({d: rs for d, rs in by_def.items() if worst.get(d)}, budget)
+            fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+            for ax, per, title in ((axes[0], worst, "at the model's threshold"),
+                                   (axes[1], eu, "at equal utility (threshold re-tuned)")):
+                for family, f in suite.families.items():
+                    pts = [(frr[d], per[d][budget], value) for d, value in f["rows"].items()
+                           if d in frr and budget in per.get(d, {}) and not apart.get(d)]
+                    if not pts:
+                        continue
+                    xs, ys = [100 * x for x, _, _ in pts], [100 * w["value"] for _, w, _ in pts]
+                    err = [[max(0.0, y - 100 * w["ci95"][0]) for y, (_, w, _) in zip(ys, pts)],
+                           [max(0.0, 100 * w["ci95"][1] - y) for y, (_, w, _) in zip(ys, pts)]]
+                    ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=2, lw=1.2, elinewidth=0.5,
+                                label=f"{family} ({f['parameter']})")
+                    for x, y, (_, _, value) in zip(xs, ys, pts):
+                        ax.annotate(f"{value:g}" if isinstance(value, (int, float)) else str(value), (x, y),
+                                    fontsize=6, xytext=(3, 3), textcoords="offset points")
+                for d in undefended:
+                    if budget in per.get(d, {}):
+                        ax.plot([100 * frr[d]], [100 * per[d][budget]["value"]], marker="*", ms=12, color="black",
+                                ls="none", label=d)
+                ax.set_xlabel("genuine FRR % at the model's threshold (cost of the defense)")
+                ax.set_title(title, fontsize=9)
+                ax.set_ylim(-2, 102)
+                ax.grid(alpha=0.3)
+            axes[0].set_ylabel(f"worst-case FAR % ({budget})")
+            axes[1].legend(fontsize=7, loc="best")
+            fig.suptitle(f"{model}: security against genuine acceptance ({suite.name} suite)", fontsize=10)
+            slug = budget.replace(" ", "")
+            out.setdefault(model, []).append(save_figure(fig, Path(imgs) / f"{suite.name}_tradeoff_{model}_{slug}.png"))
+    return out

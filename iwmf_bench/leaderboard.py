@@ -19,9 +19,13 @@ from typing import Any
 from tabulate import tabulate
 
 from .attacks.base import blackbox_beats_whitebox
-from .metrics import Rate, wilson_interval
+from .metrics import Rate
 from .paired import BOOTSTRAP, MIN_IDENTITIES, compare, identity_interval, ranking
 from .pipeline.outcome import DEPLOYMENTS, CellMetrics, attack_success, metrics_of
+from . import equal_utility
+from .equal_utility import APART_MARK
+from .ranking import (budget_of, budget_order, comparability, per_pair_success, randomness_of,  # noqa: F401 (API)
+                      worst_case)
 from .suite import Suite
 from .util import write_json_atomic
 
@@ -52,63 +56,8 @@ def success(record: dict) -> Rate:
     return metrics_of(record).success
 
 
-def budget_of(record: dict) -> str | None:
-    """The budget a cell's attack works under (``Linf 0.03``), or None (clean, dodging)."""
-    t = record["cell"]["threat_options"]
-    if not t.get("attack") or t.get("goal", "impersonation") != "impersonation" or t.get("eps") is None:
-        return None
-    return f"{t.get('norm', 'Linf')} {t['eps']:g}"
-
-
-def worst_case(records: list[dict]) -> dict[str, dict]:
-    """Per budget, the AutoAttack-style worst case of one (model, defense) over the suite's
-    threat models within that budget (same norm, eps at most the budget's: a face
-    perturbed by 0.008 is also one within 0.016), from the cells' per-pair records: a pair
-    counts as broken single-shot with the largest fraction of accepted draws any of them
-    reached on it (the mean of those maxima is the rate), and worst-of-N when any of them
-    got it accepted in any draw. The union over pairs, not the largest column; it never
-    decreases with the budget. Known-randomness cells do not count: theirs is another
-    threat model (the defense's randomness is no secret), shown in its own table."""
-    attacked = [(r, b.split()) for r in records if r["status"] == "ok" and (b := budget_of(r)) is not None
-                and randomness_of(r) == "unknown"]
-    out = {}
-    for budget in sorted({" ".join(nb) for _, nb in attacked}):
-        norm, eps = budget.split()
-        cells = [r for r, (n, e) in attacked if n == norm and float(e) <= float(eps) + 1e-12]
-        per = [metrics_of(c).per_pair for c in cells]
-        if len({len(p.successes) for p in per}) != 1:
-            continue  # over other pairs (cannot happen within one suite's data)
-        n = len(per[0].successes)
-        fractions = [success_fractions(p) for p in per]
-        single = [max(f[i] for f in fractions) for i in range(n)]
-        broken = [any(p.successes[i] > 0 for p in per) for i in range(n)]
-        lo, hi = wilson_interval(sum(single), n)
-        by_identity = identity_interval(single, per[0].probe_identity)
-        out[budget] = {"value": sum(single) / n, "ci95": list(by_identity or (lo, hi)),
-                       "interval": "bootstrap over identities" if by_identity else "Wilson over pairs",
-                       "ci95_pairs": [lo, hi], "pairs": n, "threats": sorted(c["cell"]["threat"] for c in cells),
-                       "worst_of_n": Rate(sum(broken), n).to_dict(), "per_pair_single": single,
-                       "per_pair_broken": broken}
-    return out
-
-
-def success_fractions(per_pair) -> list[float]:
-    """Per pair, the fraction of draws the attack won (accepted; dodging: rejected)."""
-    return [k / per_pair.draws for k in per_pair.successes]
-
-
-def per_pair_success(record: dict) -> list[float]:
-    """A finished cell's per-pair success fractions."""
-    return success_fractions(metrics_of(record).per_pair)
-
-
 def is_random_cell(m: CellMetrics) -> bool:
     return m.deployments is not None
-
-
-def randomness_of(record: dict) -> str:
-    """``"known"`` when the cell's attacker knew the scorer's draws, else ``"unknown"``."""
-    return record["cell"]["threat_options"].get("randomness", "unknown")
 
 
 def _short(rate: Rate) -> str:
@@ -282,11 +231,6 @@ def identity_note(records: list[dict]) -> str | None:
             "these faces, not to faces at large")
 
 
-def budget_order(budget: str) -> tuple:
-    norm, eps = budget.split()
-    return (norm != "Linf", -float(eps))  # Linf first, the largest budget first
-
-
 def cell_file(record: dict) -> str:
     c = record["cell"]
     return f"{c['model']}__{c['defense']}__{c['threat']}.json"
@@ -333,8 +277,12 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
         threats = [t for t in all_threats if any(k[0] == m and k[2] == t for k in by)]
         goals = {label: opts.get("goal") for t in suite.threat_models for label, opts in suite.budgets(t)}
         rate = lambda t: "dodging" if goals[t] == "dodging" else "FAR"  # noqa: E731
-        worst = {d: worst_case([by[k] for k in by if k[0] == m and k[1] == d]) for d in defenses}
+        by_def = {d: [by[k] for k in by if k[0] == m and k[1] == d] for d in defenses}
+        worst = {d: worst_case(by_def[d]) for d in defenses}
         budgets = sorted({b for w in worst.values() for b in w}, key=budget_order)
+        # Rows that met fewer threat models at a budget than others: apart, marked (AutoAttack's
+        # rule compares rows only when every row faced the same attacks).
+        missing = {b: comparability({d: rs for d, rs in by_def.items() if worst[d]}, b) for b in budgets}
         headers = (["defense", "FRR genuine %"] + [f"worst case {b} %" for b in budgets]
                    + [f"{rate(t)} {t} %" for t in threats] + ["s/img"])
         rows, raw = [], []
@@ -346,9 +294,12 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
             ok = [c for c in cells if c and c["status"] == "ok"]
             first = metrics_of(ok[0]) if ok else None
             row = [d, _pct(first.frr_genuine) if first else "skipped"]
-            row += [_pct(worst[d][b]) if b in worst[d] else "" for b in budgets]
+            row += [_pct(worst[d][b]) + (APART_MARK if missing[b].get(d) else "") if b in worst[d] else ""
+                    for b in budgets]
             raw_row = {"defense": d, "frr_genuine": first.frr_genuine.to_dict() if first else None,
-                       "worst_case": worst[d], "far": {},
+                       "worst_case": {b: {**w, "comparable": not missing[b].get(d),
+                                          "missing_threats": missing[b].get(d, [])} for b, w in worst[d].items()},
+                       "far": {},
                        "seconds_per_image": first.seconds_per_image if first else None}
             for t, c in zip(threats, cells):
                 if c is None:
@@ -374,34 +325,77 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
         # The Markdown table shows one budget of each sweep; CSV and JSON keep them all.
         # Rows sorted by the first worst-case column (lowest FAR first; skipped rows last).
         if budgets:
-            order = sorted(range(len(rows)), key=lambda i: worst[raw[i]["defense"]].get(budgets[0], {}).get("value", 2.0))
+            first_budget = budgets[0]
+            order = sorted(range(len(rows)), key=lambda i: (
+                bool(missing[first_budget].get(raw[i]["defense"])),
+                worst[raw[i]["defense"]].get(first_budget, {}).get("value", 2.0)))
             rows, raw = [rows[i] for i in order], [raw[i] for i in order]
-            notes.insert(0, f"worst case {budgets[0]} (first column, rows sorted by it): per pair, the best of "
-                         f"{', '.join(worst[raw[0]['defense']][budgets[0]]['threats'])} (AutoAttack's rule: "
+            notes.insert(0, f"worst case {first_budget} (first column, rows sorted by it): per pair, the best of "
+                         f"{', '.join(worst[raw[0]['defense']][first_budget]['threats'])} (AutoAttack's rule: "
                          "a pair is robust only if every threat model within that budget fails on it)")
+            notes[1:1] = apart_notes(missing)
         w = len(budgets)
         shown = [0, 1] + [2 + i for i in range(w)] + [2 + w + i for i, t in enumerate(threats) if suite.shown(t)] \
             + [len(headers) - 1]
         model_records = [by[k] for k in by if k[0] == m]
         paired = paired_rankings(model_records, [f"worst case {b}" for b in budgets] + threats,
-                                 {d: worst[d] for d in defenses})
+                                 {d: {b: w for b, w in worst[d].items() if not missing[b].get(d)} for d in defenses})
         if (line := identity_note(model_records)) is not None:
             notes.append(line)
-        sections = [s for s in (deployment_section(suite, model_records, threats), known_section(model_records)) if s]
-        out[m] = {"headers": headers, "rows": rows, "raw": raw, "notes": notes, "paired": paired, "sections": sections,
+        eu, eu_notes = equal_utility.section(suite, model_records, threats)
+        notes += eu_notes
+        families = equal_utility.family_section(suite, raw, eu["raw"]) if eu else None
+        sections = [s for s in (eu, families, deployment_section(suite, model_records, threats),
+                                known_section(model_records)) if s]
+        scope = threat_scope(suite, m, threats)
+        out[m] = {"scope": scope, "headers": headers, "rows": rows, "raw": raw, "notes": notes, "paired": paired, "sections": sections,
                   "md_headers": [headers[i] for i in shown], "md_rows": [[row[i] for i in shown] for row in rows],
                   "md_paired": [c for c in paired if c.startswith("worst case ") or suite.shown(c)]}
     return out
 
 
-def minimal_budget_notes(records: list[dict]) -> list[str]:
-    """Minimal-budget threats (``min-eps``): each defense's median smallest breaking budget."""
+def apart_notes(missing: dict[str, dict[str, list[str]]]) -> list[str]:
+    """One note per budget naming the rows its worst case cannot rank with the others."""
     notes = []
+    for b, per in missing.items():
+        apart = {d: m for d, m in per.items() if m}
+        if apart:
+            notes.append(f"worst case {b}{APART_MARK}: " + "; ".join(f"{d} did not meet {', '.join(m)}" for d, m in
+                                                                  apart.items())
+                         + ". Their worst case is over fewer threat models, an upper bound on their robustness that is "
+                         "not comparable with the complete rows: they are listed after them and left out of the "
+                         "paired ranking of that column")
+    return notes
+
+
+def threat_scope(suite: Suite, model: str, threats: list[str]) -> str | None:
+    """A phrase for the table's header when the model met no adaptive threat model (its
+    suite entry limits it to transfer columns), else None."""
+    settings = {suite.threat_models[t].get("setting") for t in suite.threat_models
+                if suite.threat_models[t].get("attack") and any(t == c or c.startswith(f"{t}@") for c in threats)}
+    if settings and "adaptive" not in settings:
+        return "transfer threat models only: no attack saw the defenses, so these rates are upper bounds on robustness"
+    return None
+
+
+def minimal_budget_notes(records: list[dict]) -> list[str]:
+    """Minimal-budget threats (``min-eps``): the median smallest breaking budget, once per
+    threat model for a transfer search (it ran on the undefended model: the same budgets
+    whichever defense then scores the images), per defense for an adaptive one."""
+    notes, seen = [], set()
     for r in records:
         if r["status"] != "ok" or (b := metrics_of(r).min_eps) is None:
             continue
         fmt = lambda v: "inf" if v is None else f"{v:.4g}"  # noqa: E731  (None: not broken within eps)
-        notes.append(f"minimal budget ({r['cell']['defense']}/{r['cell']['threat']}, "
+        t = r["cell"]["threat_options"]
+        if t.get("setting") == "transfer":
+            if r["cell"]["threat"] in seen:
+                continue
+            seen.add(r["cell"]["threat"])
+            where = f"{r['cell']['threat']}, searched on the undefended model, the same for every defense"
+        else:
+            where = f"{r['cell']['defense']}/{r['cell']['threat']}"
+        notes.append(f"minimal budget ({where}, "
                      f"{r['cell']['threat_options'].get('norm', 'Linf')}): median {fmt(b['median'])} "
                      f"[{fmt(b['ci95'][0])}, {fmt(b['ci95'][1])}], broken within eps "
                      f"{r['cell']['threat_options'].get('eps')}: {b['broken']['k']}/{b['broken']['n']}")
@@ -561,7 +555,7 @@ def render(suite: Suite, records: list[dict], out_dir: str | Path,
         if record["status"] != "error":
             write_json_atomic(cells_dir / cell_file(record), {k: record[k] for k in fields if k in record})
     for model, t in tables(suite, records).items():
-        md = [f"## {model} ({suite.name} suite)", "",
+        md = [f"## {model} ({suite.name} suite)" + (f": {t['scope']}" if t["scope"] else ""), "",
               "FAR: adversarial source i accepted as target i (single-shot, fresh randomness), %, "
               "[95% Wilson interval]. FRR genuine: purified genuine images rejected against other "
               "images of the same identity. s/img: purification seconds per image.", "",

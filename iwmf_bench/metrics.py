@@ -51,6 +51,20 @@ def accepts(score: torch.Tensor, threshold: float, metric: str) -> torch.Tensor:
     return score >= threshold if metric == "cosine" else score <= threshold
 
 
+def score_values(score: torch.Tensor) -> list:
+    """Scores as JSON numbers: each float32 score by its shortest decimal form, which reads
+    back (``torch.tensor(values, dtype=torch.float32)``) to the same float32, so a stored
+    score decides at any threshold exactly as the computed one did. Nested lists follow the
+    tensor's shape."""
+    return _shortest(score.detach().cpu().float().numpy())
+
+
+def _shortest(arr):
+    if arr.ndim == 0:
+        return float(str(arr))
+    return [_shortest(row) for row in arr] if arr.ndim > 1 else [float(str(v)) for v in arr]
+
+
 def wilson_interval(k: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """95% Wilson score interval for a proportion k/n ((0, 1) when n == 0)."""
     if n == 0:

@@ -210,7 +210,7 @@ def _index(suite: Suite, records: list[dict], docs: str) -> str:
                                for i, b in enumerate(budgets)) + "</select></label>")
     parts.append("</div>")
     for model, t in tables(suite, records).items():
-        parts.append(f'<h2 id="{_e(model)}">{_e(model)}</h2>')
+        parts.append(f'<h2 id="{_e(model)}">{_e(model)}' + (f': {_e(t["scope"])}' if t.get("scope") else "") + "</h2>")
         heads, cols = [], []
         for h in t["headers"]:
             attrs, col = "", {"kind": "other"}
@@ -267,6 +267,11 @@ def _index(suite: Suite, records: list[dict], docs: str) -> str:
                          + "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in section["rows"])
                          + "</tbody></table>")
         parts += _curves(suite, model, by)
+        if suite.families:  # the trade-off figures (iwmf_bench.figures.tradeoff_curves), one per budget
+            parts += [f'<p><img class="tradeoff" alt="trade-off {_e(b)}" src="{docs}/imgs/{_e(suite.name)}_tradeoff_'
+                      f'{_e(model)}_{_e(b.replace(" ", ""))}.png" style="max-width:100%"></p>'
+                      for b in (h.removeprefix("worst case ").removesuffix(" %") for h in t["headers"]
+                                if h.startswith("worst case "))]
     return _page(f"iwmf-bench {suite.name}", "\n".join(parts), SCRIPT)
 
 

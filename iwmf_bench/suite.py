@@ -44,6 +44,20 @@ class Suite:
     threat_models: dict[str, dict]
     evaluation: dict = field(default_factory=dict)
     check: dict = field(default_factory=dict)
+    # How the leaderboard's equal-utility operating point is set (:mod:`iwmf_bench.equal_utility`):
+    # ``{target_frr: 0.05}``; default the undefended model's genuine FRR. Read by the
+    # leaderboard only: no cell's key depends on it.
+    operating_point: dict = field(default_factory=dict)
+    # Strength sweeps of the defenses (:func:`expand_sweeps`): family label -> {"parameter": NAME,
+    # "rows": {row label: value}}; each row is a defense of its own.
+    families: dict = field(default_factory=dict)
+
+    def family_of(self, defense: str) -> tuple[str, str, Any] | None:
+        """(family, parameter, value) of a row of a strength sweep, else None."""
+        for family, f in self.families.items():
+            if defense in f["rows"]:
+                return family, f["parameter"], f["rows"][defense]
+        return None
 
     @property
     def root(self) -> str:
@@ -242,6 +256,7 @@ def load_suite(path: str | Path) -> Suite:
     defenses = _mapping(raw["defenses"], "defenses", path)
     for label, opts in defenses.items():
         opts.setdefault("defense", label)
+    defenses, families = expand_sweeps(path, defenses)
     for what, entries in (("models", models), ("defenses", defenses)):
         for label, opts in entries.items():
             if "requires" in opts and opts["requires"] not in REQUIRES:
@@ -286,4 +301,49 @@ def load_suite(path: str | Path) -> Suite:
     return Suite(name=str(raw.get("name", path.stem)), path=path, seed=int(raw.get("seed", 0)),
                  device=str(raw.get("device", "auto")), data=data,
                  models=models, defenses=defenses, threat_models=threats,
-                 evaluation=dict(raw.get("evaluation") or {}), check=dict(raw.get("check") or {}))
+                 evaluation=dict(raw.get("evaluation") or {}), check=dict(raw.get("check") or {}),
+                 operating_point=check_operating_point(path, raw.get("operating_point")), families=families)
+
+
+def sweep_label(family: str, value: Any) -> str:
+    return f"{family}-{value:g}" if isinstance(value, (int, float)) else f"{family}-{value}"
+
+
+def expand_sweeps(path: Path, defenses: dict[str, dict]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """A defense entry with one option given as a list (``lambda_0: [0.1, 0.25, 0.5]``) is a
+    strength sweep: one row per value, labelled ``LABEL-VALUE`` (``iwmf-0.25``), each a defense
+    of its own (its own cells and keys), grouped as the family LABEL for the trade-off curves
+    and tables. Returns the expanded rows (in order) and the families."""
+    rows: dict[str, dict] = {}
+    families: dict[str, dict] = {}
+    for label, opts in defenses.items():
+        swept = [k for k, v in opts.items() if isinstance(v, list) and k not in SUITE_KEYS]
+        if not swept:
+            rows[label] = opts
+            continue
+        if len(swept) > 1:
+            raise BenchError(f"{path}: defenses.{label} sweeps {', '.join(swept)}; a family sweeps one option "
+                             "(write one entry per combination of the others)")
+        key, values = swept[0], opts[swept[0]]
+        if not values or len(set(map(repr, values))) != len(values):
+            raise BenchError(f"{path}: defenses.{label}.{key} must be a non-empty list of distinct values, "
+                             f"got {values!r}")
+        families[label] = {"parameter": key, "rows": {}}
+        for value in values:
+            row = sweep_label(label, value)
+            if row in defenses or row in rows:
+                raise BenchError(f"{path}: defenses.{label}: the sweep's row {row!r} is also another entry's label")
+            rows[row] = {**opts, key: value}
+            families[label]["rows"][row] = value
+    return rows, families
+
+
+def check_operating_point(path: Path, spec: Any) -> dict:
+    """``operating_point: {target_frr: F}`` with F in [0, 1), or nothing."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict) or set(spec) - {"target_frr"} or not isinstance(spec.get("target_frr"), (int, float)) \
+            or isinstance(spec.get("target_frr"), bool) or not 0 <= spec["target_frr"] < 1:
+        raise BenchError(f"{path}: operating_point must be {{target_frr: F}} with F in [0, 1) (the genuine FRR "
+                         f"every defense is re-tuned to), got {spec!r}")
+    return dict(spec)

@@ -27,6 +27,25 @@ def factory_options(options: dict) -> dict:
     return {k: v for k, v in options.items() if k not in SUITE_KEYS}
 
 
+def dumps(obj: Any) -> str:
+    """JSON as ``json.dumps(obj, indent=2, sort_keys=True)`` writes it, except that a list
+    of numbers, strings, booleans or nulls stays on one line (per-pair records and scores:
+    a number per line would make a cell file several times longer)."""
+    def flat(x):
+        return isinstance(x, list) and all(v is None or isinstance(v, (int, float, str, bool)) for v in x)
+
+    def emit(x, depth: int) -> str:
+        pad, inner = "  " * depth, "  " * (depth + 1)
+        if isinstance(x, dict) and x:
+            items = [f"{inner}{json.dumps(str(k))}: {emit(v, depth + 1)}" for k, v in sorted(x.items(), key=lambda kv: str(kv[0]))]
+            return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+        if isinstance(x, (list, tuple)) and x and not flat(list(x)):
+            return "[\n" + ",\n".join(inner + emit(v, depth + 1) for v in x) + "\n" + pad + "]"
+        return json.dumps(x)
+
+    return emit(obj, 0)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON through a temporary file and a rename: a reader (or a run
     killed mid-write) sees the old file or the new one, never half of one."""
@@ -34,7 +53,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix="." + path.name, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write(dumps(obj))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

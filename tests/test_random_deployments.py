@@ -153,7 +153,8 @@ def test_known_randomness_views_and_sanity_rules(run):
     suite, records, _ = run
     assert records["dlib-resnet/median-3/known"]["status"] == "n/a"
     deterministic = metrics_of(records["dlib-resnet/median-3/unknown"])
-    assert deterministic.deployments is None and deterministic.votes is None  # one draw: one deployment
+    assert deterministic.deployments is None  # one draw: one deployment
+    assert deterministic.votes["genuine"].draws == 1 and deterministic.votes["genuine"].scores  # scores kept
     t = tables(suite, list(records.values()))["dlib-resnet"]
     sections = {s["id"]: s for s in t["sections"]}
     assert [row[0] for row in sections["deployments"]["rows"]] == ["iwmf-0.25"]

@@ -45,6 +45,12 @@ class Evaluation:
     accepted: torch.Tensor  # (N, n_draws) bool: was submission (i, d) accepted?
     margin: torch.Tensor  # (N, n_draws) verification margin (> 0: accepted) of each submission
     embeddings: torch.Tensor | None = None  # (n_draws, N, D) of the purified submissions (CPU)
+    scores: torch.Tensor | None = None  # (N, n_draws) verification score (the model's metric) of each submission
+
+    def successes(self, goal: str) -> list[int]:
+        """Per image, the draws on which the attack's goal was met (accepted; dodging: rejected)."""
+        success = self.accepted if goal == "impersonation" else ~self.accepted
+        return [int(k) for k in success.sum(dim=1).tolist()]
 
     def to_dict(self) -> dict[str, Any]:
         return {"single_shot": self.single_shot.to_dict(), "worst_of_n": self.worst_of_n.to_dict(),
@@ -71,22 +77,24 @@ def evaluate(model, defense: Defense | None, adv: torch.Tensor, references: torc
     x = quantize(adv)
     references = references.to(x.device)
     thr = float(model.threshold if threshold is None else threshold)
-    random = defense is not None and (defense.stochastic or is_random(defense, x[:2], seed))
+    random = is_random(defense, x, seed)
     draws = int(n_draws) if random else 1
-    accepted, margin, embeddings = [], [], []
+    accepted, margin, embeddings, scores = [], [], [], []
     for z in scorer_draws(defense, x, make_generator(seed, *stream), draws, batch_size):
         emb = torch.cat([model.embed(z[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
         s = metrics.scores(emb, references, model.metric)
         accepted.append(metrics.accepts(s, thr, model.metric).cpu())
         margin.append(metrics.margin(s, thr, model.metric).cpu())
         embeddings.append(emb.cpu())
+        scores.append(s.cpu())
     accepted, margin = torch.stack(accepted, dim=1), torch.stack(margin, dim=1)
     success = accepted if goal == "impersonation" else ~accepted
     # The draws of one image are not independent trials: its interval counts images.
     return Evaluation(single_shot=metrics.Rate(int(success.sum()), int(success.numel()),
                                                clusters=int(success.shape[0]) if draws > 1 else None),
                       worst_of_n=metrics.Rate(int(success.any(dim=1).sum()), int(success.shape[0])),
-                      n_draws=draws, accepted=accepted, margin=margin, embeddings=torch.stack(embeddings))
+                      n_draws=draws, accepted=accepted, margin=margin, embeddings=torch.stack(embeddings),
+                      scores=torch.stack(scores, dim=1))
 
 
 def scorer_draws(defense: Defense | None, x, generator: torch.Generator, draws: int,

@@ -175,7 +175,7 @@ class APGD(Attack):
         grad_mode = self.resolve_grad_mode(task)
         # EOT only where there is randomness: over a deterministic defense every draw gives
         # the same loss and gradient, so one draw per step (the same iterates up to rounding, eot_iter times cheaper).
-        random = task.defense is not None and (task.defense.stochastic or is_random(task.defense, x[:2], task.seed))
+        random = is_random(task.defense, x, task.seed)
         draws = self.eot_iter if random else 1
         eot_note = {} if draws == self.eot_iter else {
             "eot_note": f"defense is deterministic: EOT over {self.eot_iter} draws would repeat one gradient, "

@@ -66,6 +66,9 @@ class AutoAttack(Attack):
     """AutoAttack's reference APGD-CE and Square (pyautoattack) on the verification margin."""
 
     registered_name = "autoattack"
+
+    def threshold_dependence(self) -> str | None:
+        return "the library's loss is a non-linear function of the margin and it stops on success at the threshold"
     uses_gradients = True
     libraries = ("pyautoattack",)
 
@@ -107,7 +110,7 @@ class AutoAttack(Attack):
         n = x.shape[0]
         needs_grad = task.defense is not None and "apgd-ce" in self.attacks
         grad_mode = APGD.resolve_grad_mode(self, task) if needs_grad else "none"  # same rule as apgd
-        random = task.defense is not None and (task.defense.stochastic or is_random(task.defense, x[:2], task.seed))
+        random = is_random(task.defense, x, task.seed)
         eot = self.eot_iter if random else 1
         classifier = VerificationClassifier(task.model, task.references, x, task.defense, grad_mode, self.goal,
                                             task.threshold, make_generator(task.seed, self.name, "defense"),

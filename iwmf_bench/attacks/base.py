@@ -27,9 +27,9 @@ an attack raises the ``global_rng_used`` flag).
 Checks applied to every result (:meth:`Attack.run`): the raw output must lie in [0,1]
 and within the budget (Linf: ``max|adv - src| <= eps + 1e-6``; L2: per-image
 ``||adv - src||_2 <= eps + 1e-6``), otherwise :class:`AttackBudgetError` is raised (a
-bug, never clipped away). Then, when the sources are 8-bit images (as loaded from PNG),
-the output is rounded to the 8-bit grid *inside* the budget (what a real attacker
-submits; :func:`quantize_within_budget`) and checked again. Sanity flags in the spirit of
+bug, never clipped away). Then the output is rounded to the 8-bit grid *inside* the budget
+around the sources, on the grid or not (an aligned probe is not: what a real attacker
+submits is a PNG within its budget; :func:`quantize_within_budget`) and checked again. Sanity flags in the spirit of
 AutoAttack's: ``zero_gradients`` (a white-box attack saw an identically zero gradient),
 ``randomness_without_eot`` (the defense in the loop is random, but the attack averages
 over no more than one draw per step), ``global_rng_used``. Determinism for a seed is a
@@ -88,6 +88,9 @@ class AttackTask:
     target identity's for impersonation, the true identity's for dodging.
     ``defense``: the purifier in front of the model as the attacker sees it (None: the
     undefended model; see the module docstring). ``threshold``: overrides the model's.
+    ``reference_images``: (N,3,H,W) images of the references' identities where the harness
+    has them (impersonation: the targets), for attacks that start from an image the system
+    accepts (decision-based ones); None otherwise.
     """
 
     model: torch.nn.Module
@@ -96,6 +99,7 @@ class AttackTask:
     defense: Defense | None = None
     seed: int = 0
     threshold: float | None = None
+    reference_images: torch.Tensor | None = None
 
     def validate(self) -> None:
         check_images(self.sources, "attack sources")
@@ -186,29 +190,64 @@ def on_8bit_grid(x: torch.Tensor) -> bool:
 
 
 def quantize_within_budget(adv: torch.Tensor, src: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
-    """Round ``adv`` to the 8-bit grid (what a saved PNG holds) without leaving the budget.
+    """Round ``adv`` to the 8-bit grid (what a saved PNG holds) without leaving the budget
+    around ``src``, which need not lie on the grid (an aligned probe is a warped photo).
 
-    Requires ``src`` on the grid. Linf: nearest grid value, clamped to the grid points
-    inside ``[src - eps, src + eps]``. L2: nearest grid value per image, unless that
-    leaves the ball; then each pixel goes to whichever neighbouring grid value is nearer
-    the source, so ``|q - src| <= |adv - src|`` pixelwise.
+    Linf: nearest grid value, clamped to the grid points inside ``[src - eps, src + eps]``
+    (there is one when ``eps`` is at least half a level). L2: nearest grid value per image,
+    unless that leaves the ball; then each pixel goes to whichever neighbouring grid value
+    is nearer the source (on a grid source: ``|q - src| <= |adv - src|`` pixelwise); an
+    image still outside (an off-grid source) is rounded from the largest fraction of its
+    perturbation that fits (bisection). Raises :class:`AttackBudgetError` when no 8-bit
+    image lies within the budget.
     """
     adv, src = adv.detach(), src.detach()
     q = quantize(adv)
     if norm == "Linf":
         lo = torch.ceil(((src - eps) * 255).clamp(0, 255) - 1e-6) / 255
         hi = torch.floor(((src + eps) * 255).clamp(0, 255) + 1e-6) / 255
+        if bool((lo > hi).any()):
+            raise AttackBudgetError(f"Linf eps {eps:g} holds no 8-bit value around some source pixel "
+                                    "(a budget under half a level of 1/255 cannot be submitted as an image)")
         return torch.minimum(torch.maximum(q, lo), hi)
     over = perturbation_norms(q.double(), src.double(), "L2") > eps
     if over.any():
         down, up = torch.floor(adv * 255) / 255, torch.ceil(adv * 255) / 255
         toward = torch.where((down - src).abs() <= (up - src).abs(), down, up).clamp(0, 1)
         q = torch.where(over.view(-1, 1, 1, 1), toward, q)
+    for i in torch.nonzero(perturbation_norms(q.double(), src.double(), "L2") > eps).flatten().tolist():
+        q[i] = _shrunk_into_l2_ball(adv[i], src[i], eps)
     return q
 
 
-def is_random(defense: Defense, x: torch.Tensor, seed: int) -> bool:
-    """Does the defense's output depend on randomness? Purify ``x`` with two generators."""
+def _shrunk_into_l2_ball(adv: torch.Tensor, src: torch.Tensor, eps: float, rounds: int = 30) -> torch.Tensor:
+    """The 8-bit rounding of ``src + s * (adv - src)`` for the largest ``s`` in [0, 1] found by
+    bisection whose rounding lies within L2 ``eps`` of ``src`` (one image)."""
+    inside = lambda z: float((z.double() - src.double()).norm()) <= eps  # noqa: E731
+    best = quantize(src)
+    if not inside(best):
+        raise AttackBudgetError(f"L2 eps {eps:g} is smaller than the rounding of the source itself to 8 bits "
+                                f"({float((best.double() - src.double()).norm()):.4g}): no 8-bit image lies within it")
+    lo, hi = 0.0, 1.0
+    for _ in range(rounds):
+        mid = (lo + hi) / 2
+        z = quantize(src + mid * (adv - src))
+        if inside(z):
+            lo, best = mid, z
+        else:
+            hi = mid
+    return best
+
+
+def is_random(defense: Defense | None, x: torch.Tensor, seed: int) -> bool:
+    """Does the defense's output depend on randomness? No defense: no; one that declares
+    itself ``stochastic``: yes; else purify ``x[:2]`` with two generators and compare. The one
+    test every stage and attack applies (attacks' EOT, the scorer's draws, known randomness)."""
+    if defense is None:
+        return False
+    if defense.stochastic:
+        return True
+    x = x[:2]
     with torch.no_grad():
         a = defense.purify(x, make_generator(seed, "sanity", 0))
         b = defense.purify(x, make_generator(seed, "sanity", 1))
@@ -249,7 +288,7 @@ class Attack:
     registered_name: ClassVar[str] = ""
     #: Whether the attack differentiates through the system (white-box).
     uses_gradients: ClassVar[bool] = False
-    #: Round outputs to the 8-bit grid inside the budget when the sources are 8-bit.
+    #: Round outputs to the 8-bit grid inside the budget (what is submitted, and scored).
     quantize_output: ClassVar[bool] = True
     #: Show a progress bar over the iterations (``iwmf-bench attack`` turns it on).
     progress: bool = False
@@ -293,6 +332,18 @@ class Attack:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "attack")
         return f"{type(self).__name__}({args})"
+
+    def threshold_dependence(self) -> str | None:
+        """Why the images this attack crafts depend on the acceptance threshold, or None when
+        they do not. The objective is the margin ``score - threshold`` (or its negative):
+        a shift of the threshold leaves its gradient and the order of its values unchanged,
+        so an attack that only follows the gradient and keeps the best iterate crafts the
+        same images at any threshold, and its cell can be re-scored at another one
+        (:mod:`iwmf_bench.operating_points`). An attack that stops, weighs or searches on
+        success (early stopping, selective EOT's unbroken draws, a bisection) or feeds the
+        margin through a non-linear loss crafts other images at another threshold; its
+        re-scored rate is then only what images crafted for the model's own threshold reach."""
+        return None
 
     # -- the objective -----------------------------------------------------------------
     def objective(self, task: AttackTask, x: torch.Tensor, generator: torch.Generator | None = None,
@@ -349,16 +400,16 @@ class Attack:
         task.validate()
         task = AttackTask(task.model, task.sources.detach(),
                           task.references.detach().to(task.sources.device), task.defense,
-                          int(task.seed), task.threshold)
+                          int(task.seed), task.threshold, task.reference_images)
         rng_before = torch.get_rng_state()
         flags: dict[str, bool] = {}
         if task.defense is not None:
-            random_defense = bool(task.defense.stochastic) or is_random(task.defense, task.sources[:2], task.seed)
+            random_defense = is_random(task.defense, task.sources, task.seed)
             flags["randomness_without_eot"] = random_defense and self.eot_iter <= 1
         result = self._run(task)
         check_budget(result.adversarial, task.sources, self.norm, self.eps, self.name)
         adv = result.adversarial.detach()
-        quantized = self.quantize_output and on_8bit_grid(task.sources)
+        quantized = self.quantize_output
         if quantized:
             adv = quantize_within_budget(adv, task.sources, self.norm, self.eps)
             check_budget(adv, task.sources, self.norm, self.eps, f"{self.name} (8-bit output)")

@@ -70,7 +70,7 @@ class KnownDraws(Defense):
 def known_view(defense: Defense, seed: int, draws: int, sources: torch.Tensor, eot_iter: int) -> KnownDraws:
     """The defense as an attacker who knows its randomness sees it (checks that this means
     something: a random defense, and an EOT over exactly the scorer's draws)."""
-    if not (defense.stochastic or is_random(defense, sources[:2], seed)):
+    if not is_random(defense, sources, seed):
         raise NotApplicableError(f"not applicable: defense {defense.name!r} is deterministic, so known randomness "
                                  "is the unknown-randomness attack (its own column)")
     if eot_iter != draws:

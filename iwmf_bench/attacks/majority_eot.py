@@ -51,6 +51,9 @@ class MajorityEOT(APGDEOT):
 
     registered_name = "majority-eot"
 
+    def threshold_dependence(self) -> str | None:
+        return 'it weighs the draws by their rank around the threshold (the k-th best draw of the vote)'
+
     def __init__(self, norm: str = "Linf", eps: float | None = None, steps: int = 40, eot_iter: int = 10,
                  vote: int = 10, grad_mode: str | None = None, goal: str = "impersonation"):
         super().__init__(norm=norm, eps=eps, steps=steps, eot_iter=eot_iter, grad_mode=grad_mode, goal=goal)

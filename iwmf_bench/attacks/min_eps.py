@@ -70,7 +70,7 @@ from .. import metrics
 from ..data import quantize
 from ..errors import BenchError
 from .apgd import APGD
-from .base import (Attack, AttackResult, AttackTask, is_random, make_generator, on_8bit_grid, perturbation_norms,
+from .base import (TOLERANCE, Attack, AttackResult, AttackTask, is_random, make_generator, on_8bit_grid, perturbation_norms,
                    quantize_within_budget)
 
 
@@ -78,6 +78,9 @@ class MinEps(Attack):
     """Each sample's smallest budget at which APGD breaks it (bisection over eps, warm starts)."""
 
     registered_name = "min-eps"
+
+    def threshold_dependence(self) -> str | None:
+        return 'its bisection over the budget keeps the smallest budget accepted at the threshold'
     uses_gradients = True
 
     def __init__(self, norm: str = "Linf", eps: float | None = None, steps: int = 40, eot_iter: int = 1,
@@ -110,12 +113,15 @@ class MinEps(Attack):
         obj = self.objective_draws(task, quantize(images).repeat(draws, 1, 1, 1), generator, "none", draws)
         return self.succeeded(obj.view(draws, n).mean(dim=0)).cpu()
 
-    def _candidates(self, adv: torch.Tensor, src: torch.Tensor, eps: torch.Tensor, eight_bit: bool) -> torch.Tensor:
-        """The images returned for a budget: on 8-bit sources rounded to the grid inside each
-        image's own budget (as :meth:`Attack.run` rounds outputs), else as found."""
-        if not eight_bit:
-            return adv
-        return torch.cat([quantize_within_budget(adv[i:i + 1], src[i:i + 1], self.norm, float(eps[i]))
+    def _candidates(self, adv: torch.Tensor, src: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The images returned for a budget: rounded to the grid inside each image's own
+        budget (as :meth:`Attack.run` rounds outputs), what the harness scores. A budget
+        smaller than the source's own rounding to 8 bits (an off-grid aligned probe: up to
+        half a level) holds no image; there the least submittable budget is used, and the
+        search records the success at the image's actual size."""
+        floor = perturbation_norms(quantize(src).double(), src.double(), self.norm).cpu()
+        return torch.cat([quantize_within_budget(adv[i:i + 1], src[i:i + 1], self.norm,
+                                                 max(float(eps[i]), float(floor[i]) * (1 + 1e-9)))
                           for i in range(adv.shape[0])])
 
     def _run(self, task: AttackTask) -> AttackResult:
@@ -124,7 +130,7 @@ class MinEps(Attack):
         inner = self.inner
         inner.batched_eot, inner.draws_per_call = self.batched_eot, self.draws_per_call
         grad_mode = inner.resolve_grad_mode(task)
-        random = task.defense is not None and (task.defense.stochastic or is_random(task.defense, x[:2], task.seed))
+        random = is_random(task.defense, x, task.seed)
         draws = self.eot_iter if random else 1
         eight_bit = on_8bit_grid(x)
         target = 1 - self.rel_tol
@@ -164,15 +170,17 @@ class MinEps(Attack):
                 make_generator(task.seed, self.name, "defense", rnd),
                 make_generator(task.seed, self.name, "init", rnd), grad_mode, draws)
             zero_grad |= bool(found.zero_gradient.any())
-            submitted = self._candidates(found.adversarial, sub.sources, eps, eight_bit)
+            submitted = self._candidates(found.adversarial, sub.sources, eps)
             ok = self._judge(sub, submitted, make_generator(task.seed, self.name, "judge", rnd + 1), draws)
             sizes = perturbation_norms(submitted.double(), sub.sources.double(), self.norm).cpu()
             queries[idx] += found.queries + draws
             for j, i in enumerate(active):
                 search[i].append((budgets[j], bool(ok[j])))
                 if ok[j] and float(sizes[j]) < hi[i]:
-                    # It succeeded inside the ball of its actual size: a success at that budget.
-                    hi[i] = min(float(sizes[j]), budgets[j])
+                    # It succeeded inside the ball of its actual size: a success at that budget
+                    # (or, above it when the budget held no 8-bit image, at that size).
+                    size = float(sizes[j])
+                    hi[i] = min(size, budgets[j]) if size <= budgets[j] + TOLERANCE else size
                     adv[i] = submitted[j]
 
         min_eps = hi

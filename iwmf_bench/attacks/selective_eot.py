@@ -39,6 +39,9 @@ class SelectiveEOT(APGDEOT):
 
     registered_name = "selective-eot"
 
+    def threshold_dependence(self) -> str | None:
+        return 'its gradient follows only the draws not yet accepted at the threshold'
+
     def _loss_and_grad(self, task, x, generator, grad_mode, draws):
         if task.defense is None or draws == 1:
             return super()._loss_and_grad(task, x, generator, grad_mode, draws)

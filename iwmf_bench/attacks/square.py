@@ -111,6 +111,9 @@ class Square(Attack):
 
     registered_name = "square"
 
+    def threshold_dependence(self) -> str | None:
+        return ('it stops querying a sample once accepted at the threshold (stop_on_success)' if self.stop_on_success else None)
+
     def __init__(self, norm: str = "Linf", eps: float | None = None, queries: int = 5000,
                  p_init: float | None = None, eot_iter: int = 1, goal: str = "impersonation",
                  stop_on_success: bool = False):
@@ -211,7 +214,7 @@ class Square(Attack):
         x_best = self._init(x, gen)
         # EOT only where there is randomness: over a deterministic defense every draw is the
         # same query, so one draw per estimate (the budget buys eot_iter times more steps).
-        random = task.defense is not None and (task.defense.stochastic or is_random(task.defense, x[:2], task.seed))
+        random = is_random(task.defense, x, task.seed)
         per_eval = self.eot_iter if random else 1
         loss_best = self._loss(task, x_best, everyone, defense_gen, per_eval)
         queries = torch.full((n,), per_eval, dtype=torch.long)

@@ -70,6 +70,9 @@ class TorchAttacks(Attack):
     """Any torchattacks attack class (name=..., its keyword arguments) on the verification margin."""
 
     registered_name = "torchattacks"
+
+    def threshold_dependence(self) -> str | None:
+        return "the library's loss (cross-entropy of the margin) is non-linear in the margin, so its step sizes depend on the threshold"
     uses_gradients = True
     libraries = ("torchattacks",)
 

@@ -15,4 +15,5 @@ MODULES = [
     "run",
     "leaderboard",
     "rescore",
+    "recommend",
 ]

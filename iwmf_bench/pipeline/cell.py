@@ -141,5 +141,10 @@ class Cell:
         return str(self.threat_options.get("goal", "impersonation"))
 
     @property
+    def draws(self) -> int:
+        """Purifications per image at scoring of a random defense (``evaluation.draws``)."""
+        return int(self.evaluation.get("draws", 10))
+
+    @property
     def batch_size(self) -> int:
         return int(self.evaluation.get("batch_size", 32))

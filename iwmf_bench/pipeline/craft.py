@@ -66,18 +66,24 @@ def attack_pairs(pairs: Pairs, goal: str) -> tuple[torch.Tensor, torch.Tensor, l
 
 
 def run_attack(cell: Cell, model, probes: torch.Tensor, references: torch.Tensor,
-               defense: Defense | None) -> tuple[torch.Tensor, dict]:
+               defense: Defense | None, reference_images: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Run the cell's attack (``defense=None``: on the undefended model); images and facts.
 
     The facts (kept beside cached images, so plain data): ``attack``, the
     :class:`~.outcome.AttackFacts` as a dict (the attack's notes and the defense's report
     copied as they state them), ``queries`` per pair, and for a minimal-budget attack
-    (``min-eps``) each pair's smallest breaking budget for the score stage."""
+    (``min-eps``) each pair's smallest breaking budget for the score stage. An attack whose
+    images depend on the threshold says why in the notes (``threshold_dependent``)."""
     start = time.perf_counter()
-    result = build_attack(cell).run(AttackTask(model, probes, references, defense, cell.seed))
+    attack = build_attack(cell)
+    result = attack.run(AttackTask(model, probes, references, defense, cell.seed, reference_images=reference_images))
+    # Whether re-scoring the images at another threshold is what the attack would have done
+    # there (:meth:`~iwmf_bench.attacks.base.Attack.threshold_dependence`): read by the operating points.
+    dependence = attack.threshold_dependence()
+    notes = {**notes_of(result.info), **({"threshold_dependent": dependence} if dependence else {})}
     facts = AttackFacts(seconds_per_image=(time.perf_counter() - start) / probes.shape[0],
                         queries_per_image=float(result.queries.float().mean()), success=result.success_rate,
-                        flags={k: bool(v) for k, v in result.flags.items()}, notes=notes_of(result.info),
+                        flags={k: bool(v) for k, v in result.flags.items()}, notes=notes,
                         defense_report=defense.report(cell.device) if defense is not None else {})
     info = {"attack": facts.to_dict(), "queries": [int(q) for q in result.queries.tolist()]}
     if "min_eps" in result.info:
@@ -123,7 +129,7 @@ def transfer_images(cell: Cell, model, pairs: Pairs, results_root: Path | None) 
     def make():
         probes, ref_images, _ = attack_pairs(pairs, cell.goal)
         refs = batched(model.embed, ref_images.to(dev), 32)
-        return run_attack(cell, model, probes.to(dev), refs, None)
+        return run_attack(cell, model, probes.to(dev), refs, None, ref_images.to(dev))
 
     adv, info = cached(path, make)
     return adv.to(dev), info
@@ -142,10 +148,11 @@ class Adaptive(Crafter):
 
     def craft(self, task: CraftTask) -> Crafted:
         cell = task.cell
-        probes = attack_pairs(task.pairs, cell.goal)[0].to(cell.device)
+        probes, ref_images, _ = attack_pairs(task.pairs, cell.goal)
+        probes = probes.to(cell.device)
         defense = task.defense
         if cell.randomness == "known":
-            defense = known_view(defense, cell.seed, int(cell.evaluation.get("draws", 10)), probes,
+            defense = known_view(defense, cell.seed, cell.draws, probes,
                                  int(cell.threat_options.get("eot_iter", 1)))
-        adv, info = run_attack(cell, task.model, probes, task.references, defense)
+        adv, info = run_attack(cell, task.model, probes, task.references, defense, ref_images.to(cell.device))
         return Crafted(adv, info)

@@ -47,6 +47,9 @@ class Votes:
 
     draws: int
     accepted: list[int]
+    # Per trial, the verification score of each draw (the model's metric): any threshold's
+    # decisions (:mod:`iwmf_bench.operating_points`). None in records made before scores were kept.
+    scores: list[list[float]] | None = None
 
     def rate(self, deployment: str, rejected: bool = False) -> Rate:
         """The deployment's acceptance rate over the trials (``rejected``: the rejection
@@ -87,6 +90,9 @@ class PerPair:
     probe_identity: list[str]
     reference_identity: list[str]
     probe: list[str] | None  # the probe's file name, where the pair source has one
+    # Per pair, the verification score of each scored draw against the reference (the
+    # model's metric, float32 values): ``successes`` at any other threshold.
+    scores: list[list[float]] | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "PerPair":

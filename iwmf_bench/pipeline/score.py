@@ -22,10 +22,11 @@ import torch
 
 from .. import metrics, roc
 from ..attacks.adaptive import evaluate
-from ..attacks.base import is_random, make_generator
+from ..attacks.base import TOLERANCE, is_random, make_generator
 from ..attacks.known import FRESH_STREAM
 from ..attacks.min_eps import median_budget
 from ..data import quantize
+from ..errors import BenchError
 from ..util import batched
 from .cell import Cell
 from .craft import Crafted, attack_pairs
@@ -46,23 +47,26 @@ def cross_identity_votes(embs, ref: torch.Tensor, labels: list[int], threshold: 
     image i (processed; ``embs``: one embedding batch per draw) against clean image j."""
     la = torch.as_tensor(list(labels))
     pairs = (la.view(-1, 1) == la.view(1, -1)) & ~torch.eye(len(la), dtype=torch.bool)
-    counts = sum(metrics.accepts(metrics.pair_scores(e.to(ref.device), ref, metric).cpu(), threshold, metric).long()
-                 for e in embs)
-    return Votes(len(embs), [int(c) for c in counts[pairs].tolist()])
+    scores = torch.stack([metrics.pair_scores(e.to(ref.device), ref, metric).cpu()[pairs] for e in embs], dim=1)
+    return votes_of(scores, threshold, metric)
+
+
+def votes_of(scores: torch.Tensor, threshold: float, metric: str) -> Votes:
+    """Votes of trials from their scores, ``(trials, draws)``, at ``threshold``; the scores kept."""
+    counts = metrics.accepts(scores, threshold, metric).long().sum(dim=1)
+    return Votes(scores.shape[1], [int(c) for c in counts.tolist()], metrics.score_values(scores))
 
 
 def matched_votes(embs, refs: torch.Tensor, threshold: float, metric: str) -> Votes:
     """Per row i, how many draws accept image i (``embs``: one batch per draw) against reference i."""
-    counts = sum(metrics.accepts(metrics.scores(e.to(refs.device), refs, metric), threshold, metric).long().cpu()
-                 for e in embs)
-    return Votes(len(embs), [int(c) for c in counts.tolist()])
+    scores = torch.stack([metrics.scores(e.to(refs.device), refs, metric).cpu() for e in embs], dim=1)
+    return votes_of(scores, threshold, metric)
 
 
 def draws_of(cell: Cell, defense, x: torch.Tensor) -> int:
     """Purifications per image at scoring: the cell's ``evaluation.draws`` for a random
     defense, one for a deterministic one (the test :func:`evaluate` applies)."""
-    random = defense.stochastic or is_random(defense, x[:2], cell.seed)
-    return int(cell.evaluation.get("draws", 10)) if random else 1
+    return cell.draws if is_random(defense, x, cell.seed) else 1
 
 
 _GENUINE: dict[str, Genuine] = {}  # per process, by the (model, defense, data, seed) identity
@@ -115,7 +119,7 @@ def score(cell: Cell, model, defense, pairs: Pairs, gen: Genuine, crafted: Craft
     adversarial images, against their true identity) and of each genuine image."""
     goal = cell.goal
     seen_through = crafted.scoring_defense or defense
-    n_draws = int(cell.evaluation.get("draws", 10))
+    n_draws = cell.draws
     ev = evaluate(model, seen_through, crafted.adversarial, refs, cell.seed, n_draws=n_draws, goal=goal)
     labels = attack_pairs(pairs, goal)[2]
     info = crafted.info
@@ -128,10 +132,12 @@ def score(cell: Cell, model, defense, pairs: Pairs, gen: Genuine, crafted: Craft
     else:  # the folder protocol's probes are the sources for either goal
         genuine_votes, clean = gen.votes, None
         adv_votes = cross_identity_votes(list(ev.embeddings), gen.source_refs, labels, model.threshold, model.metric)
+    adv_votes.scores = None  # decisions only: the scores kept are the attack's and the genuine images
     per_pair = per_pair_record(pairs, goal, crafted, ev, min_eps)
-    votes = deployments = None
+    check_within_budget(cell, per_pair)
+    # The votes (with every draw's score) always; deployments where there is more than one draw.
+    votes, deployments = {"genuine": genuine_votes, "adversarial_true_identity": adv_votes}, None
     if max(genuine_votes.draws, adv_votes.draws, ev.n_draws) > 1:
-        votes = {"genuine": genuine_votes, "adversarial_true_identity": adv_votes}
         deployments = {d: DeploymentRates(attack_success(per_pair.successes, ev.n_draws, d, goal),
                                           genuine_votes.rate(d, rejected=True), adv_votes.rate(d, rejected=True))
                        for d in DEPLOYMENTS}
@@ -150,10 +156,9 @@ def score(cell: Cell, model, defense, pairs: Pairs, gen: Genuine, crafted: Craft
 def fresh_draws(cell: Cell, model, defense, crafted: Crafted, refs: torch.Tensor) -> dict:
     """Known randomness: the images on draws the attacker did not know (a stream of their
     own), each deployment's success and the per-pair successes."""
-    ev = evaluate(model, defense, crafted.adversarial, refs, cell.seed, n_draws=int(cell.evaluation.get("draws", 10)),
+    ev = evaluate(model, defense, crafted.adversarial, refs, cell.seed, n_draws=cell.draws,
                   goal=cell.goal, stream=FRESH_STREAM)
-    success = ev.accepted if cell.goal == "impersonation" else ~ev.accepted
-    successes = [int(k) for k in success.sum(dim=1).tolist()]
+    successes = ev.successes(cell.goal)
     return {"draws": ev.n_draws, "successes": successes,
             **{d: attack_success(successes, ev.n_draws, d, cell.goal) for d in DEPLOYMENTS}}
 
@@ -172,12 +177,26 @@ def per_pair_record(pairs: Pairs, goal: str, crafted: Crafted, ev, min_eps: dict
         linf, l2 = delta.abs().amax(1).tolist(), delta.norm(dim=1).tolist()
     else:
         linf = l2 = None
-    success = ev.accepted if goal == "impersonation" else ~ev.accepted
     refs = pairs.target_labels if goal == "impersonation" else labels
-    return PerPair(draws=ev.n_draws, successes=[int(k) for k in success.sum(dim=1).tolist()], linf=linf, l2=l2,
+    return PerPair(draws=ev.n_draws, successes=ev.successes(goal), linf=linf, l2=l2,
                    queries=crafted.info.get("queries"), min_eps=min_eps["values"] if min_eps else None,
                    probe_identity=[str(x) for x in labels], reference_identity=[str(x) for x in refs],
-                   probe=list(pairs.source_names) if len(pairs.source_names) == len(labels) else None)
+                   probe=list(pairs.source_names) if len(pairs.source_names) == len(labels) else None,
+                   scores=metrics.score_values(ev.scores))
+
+
+def check_within_budget(cell: Cell, per_pair: PerPair) -> None:
+    """Every scored image lies within the threat model's budget around its aligned probe
+    (attacks round inside the ball: :func:`~iwmf_bench.attacks.base.quantize_within_budget`);
+    a scored image outside it is a bug, never a number to report."""
+    t = cell.threat_options
+    sizes = {"Linf": per_pair.linf, "L2": per_pair.l2}.get(t.get("norm", "Linf"))
+    if not t.get("attack") or t.get("eps") is None or sizes is None:
+        return
+    worst = max(sizes, default=0.0)
+    if worst > float(t["eps"]) + TOLERANCE:
+        raise BenchError(f"{cell.name}: a scored image lies {worst:.6g} from its probe in {t.get('norm', 'Linf')}, "
+                         f"beyond the budget eps {t['eps']}; the attack must round inside its budget")
 
 
 def minimal_budgets(values: list[float]) -> dict:
