@@ -236,6 +236,31 @@ def cell_file(record: dict) -> str:
     return f"{c['model']}__{c['defense']}__{c['threat']}.json"
 
 
+def changed_code(record: dict, cell) -> str:
+    """What differs between the code (or config) that computed a record and ``cell``'s now."""
+    before, now = record.get("code"), cell.code()
+    if before is None:
+        return "computed before cells recorded their code"
+    changed = [f"{part} ({now[part] if part in now else '-'} was {before.get(part, '-')})"
+               for part in sorted(set(now) | set(before)) if now.get(part) != before.get(part)]
+    return f"code changed: {', '.join(changed)}" if changed else "its config changed"
+
+
+def staleness(record: dict) -> str | None:
+    """None when a finished cell's record was computed by the current code and config (its
+    key is the key its cell has now), else what changed: a committed leaderboard that was not
+    recomputed after a change shows such cells as stale, never as current."""
+    if record.get("status") != "ok" or "key" not in record:
+        return None
+    from .pipeline.cell import Cell  # the leaderboard reads records; only this check needs cells
+
+    try:
+        cell = Cell(**record["cell"])
+    except TypeError:
+        return "its config has fields the current code does not know"
+    return None if cell.key == record["key"] else changed_code(record, cell)
+
+
 def provenance(cells: list, committed_dir: str | Path) -> list[str]:
     """Committed cells that the current code would not have computed, without computing
     anything: a cell's key hashes its config and the fingerprints of the code it runs
@@ -254,14 +279,7 @@ def provenance(cells: list, committed_dir: str | Path) -> list[str]:
             continue
         if old.get("key") == cell.key:
             continue
-        before, now = old.get("code"), cell.code()
-        if before is None:
-            problems.append(f"{old['name']}: computed before cells recorded their code; recompute it")
-            continue
-        changed = [f"{part} ({now[part] if part in now else '-'} was {before.get(part, '-')})"
-                   for part in sorted(set(now) | set(before)) if now.get(part) != before.get(part)]
-        what = f"code changed: {', '.join(changed)}" if changed else "its config changed"
-        problems.append(f"{old['name']}: {what}; recompute it (iwmf-bench leaderboard render)")
+        problems.append(f"{old['name']}: {changed_code(old, cell)}; recompute it (iwmf-bench leaderboard render)")
     return problems
 
 
@@ -289,6 +307,9 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
         # Cells whose adaptive attack falls below transfer: marked "(!)", explained in the notes.
         suspicious = {(d, t) for d, t, _ in adaptive_below_transfer([by[k] for k in by if k[0] == m])}
         reasons: dict[str, list[str]] = {}  # one note per distinct reason, naming the cells
+        # Committed cells computed by other code than the current one (a suite too costly to
+        # recompute at every change): shown, marked stale with what changed, never as current.
+        stale = {(k[1], k[2]): why for k in by if k[0] == m and (why := staleness(by[k]))}
         for d in defenses:
             cells = [by.get((m, d, t)) for t in threats]
             ok = [c for c in cells if c and c["status"] == "ok"]
@@ -305,8 +326,9 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
                 if c is None:
                     row.append("")
                 elif c["status"] == "ok":
-                    row.append(cell_display(c) + (" (!)" if (d, t) in suspicious else ""))
-                    raw_row["far"][t] = success(c).to_dict()
+                    why = stale.get((d, t))
+                    row.append(cell_display(c) + (" (!)" if (d, t) in suspicious else "") + (" (stale)" if why else ""))
+                    raw_row["far"][t] = {**success(c).to_dict(), **({"stale": why} if why else {})}
                 else:
                     row.append(c["status"])  # skipped, n/a (the threat model does not apply), error
                     where = d if c["status"] == "skipped" else f"{d}/{t}"
@@ -318,6 +340,10 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
             raw.append(raw_row)
         notes = [f"{reason.split(': ', 1)[0]} ({', '.join(where)}): {reason.split(': ', 1)[1]}"
                  for reason, where in reasons.items()]
+        if stale:
+            notes.append(f"stale ({len(stale)} cells, marked): computed by other code or config than the current "
+                         f"one, e.g. {'/'.join(next(iter(stale)))}: {next(iter(stale.values()))}; the JSON names what "
+                         "changed per cell; recompute with `iwmf-bench leaderboard render`")
         notes += minimal_budget_notes([by[k] for k in by if k[0] == m])
         notes += sanity_notes([by[k] for k in by if k[0] == m])
         notes += deployment_notes([by[k] for k in by if k[0] == m])

@@ -117,7 +117,7 @@ def _budget_of_label(suite: Suite) -> dict[str, str]:
 
 
 def _curve_svg(title: str, series: dict[str, list[tuple[float, float, float, float]]], x_label: str,
-               step: bool = False) -> str:
+               step: bool = False, x_name: str = "eps") -> str:
     """An inline SVG: per series (x, y, lo, hi) points in [0, 1] y, a line and a band; each
     point's numbers in its <title> (shown on hover)."""
     w, h, left, bottom, top, right = 460, 300, 46, 34, 24, 120
@@ -149,10 +149,38 @@ def _curve_svg(title: str, series: dict[str, list[tuple[float, float, float, flo
                        f'points="{" ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _, _ in pts)}"/>')
             for x, y, lo, hi in pts:
                 out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{color}"><title>{_e(name)}, '
-                           f'eps {x:g}: {100 * y:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]</title></circle>')
+                           f'{x_name} {x:g}: {100 * y:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]</title></circle>')
         out.append(f'<text x="{w - right + 8}" y="{top + 12 + 13 * i}" font-size="11" fill="{color}">{_e(name)}</text>')
     out.append("</svg>")
     return "".join(out)
+
+
+def _tradeoff_svgs(suite: Suite, model: str, t: dict) -> list[str]:
+    """Per budget, the trade-off of each strength-swept family: worst-case FAR against the
+    genuine FRR at the model's threshold, read at that threshold and at equal utility (the
+    figures of :func:`iwmf_bench.figures.tradeoff_curves`, inline); rows not comparable at
+    the budget left out."""
+    if not suite.families:
+        return []
+    frr = {r["defense"]: r["frr_genuine"]["value"] for r in t["raw"] if r["frr_genuine"]}
+    eu = next((s["raw"] for s in t["sections"] if s["id"] == "equal_utility"), None)
+    readings = [("at the model's threshold", {r["defense"]: r["worst_case"] for r in t["raw"]})]
+    if eu:
+        readings.append(("at equal utility", {r["defense"]: r["worst_case"] for r in eu["rows"]}))
+    budgets = [h.removeprefix("worst case ").removesuffix(" %") for h in t["headers"] if h.startswith("worst case ")]
+    svgs = []
+    for b in budgets:
+        for title, worst in readings:
+            series = {}
+            for family, f in suite.families.items():
+                pts = [(frr[d], w["value"], *w["ci95"]) for d in f["rows"]
+                       if d in frr and (w := worst.get(d, {}).get(b)) and w.get("comparable", True)]
+                if pts:
+                    series[family] = pts
+            if series:
+                svgs.append(_curve_svg(f"{model}: worst case {b} against genuine FRR, {title}", series,
+                                       "genuine FRR at the model's threshold", x_name="FRR"))
+    return svgs
 
 
 def _curves(suite: Suite, model: str, by: dict) -> list[str]:
@@ -267,11 +295,7 @@ def _index(suite: Suite, records: list[dict], docs: str) -> str:
                          + "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in section["rows"])
                          + "</tbody></table>")
         parts += _curves(suite, model, by)
-        if suite.families:  # the trade-off figures (iwmf_bench.figures.tradeoff_curves), one per budget
-            parts += [f'<p><img class="tradeoff" alt="trade-off {_e(b)}" src="{docs}/imgs/{_e(suite.name)}_tradeoff_'
-                      f'{_e(model)}_{_e(b.replace(" ", ""))}.png" style="max-width:100%"></p>'
-                      for b in (h.removeprefix("worst case ").removesuffix(" %") for h in t["headers"]
-                                if h.startswith("worst case "))]
+        parts += _tradeoff_svgs(suite, model, t)
     return _page(f"iwmf-bench {suite.name}", "\n".join(parts), SCRIPT)
 
 

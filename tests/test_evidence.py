@@ -165,7 +165,7 @@ def test_identity_bootstrap_needs_enough_identities_and_widens_for_clustered_pai
     assert identity_interval(values, identities, seed=0) == (lo, hi)  # seeded
 
 
-@pytest.mark.parametrize("suite", ["smoke", "default"])
+@pytest.mark.parametrize("suite", ["smoke", "default", "tradeoff"])
 def test_committed_worst_case_is_the_union_of_the_committed_per_pair_records(suite):
     """Every committed cell carries per-pair records, and each committed table's worst case
     equals the union recomputed here from them: per pair the largest accepted fraction over

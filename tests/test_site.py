@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE = ROOT / "leaderboards" / "site"
 
 
-@pytest.mark.parametrize("suite", ["smoke", "default"])
+@pytest.mark.parametrize("suite", ["smoke", "default", "tradeoff"])
 def test_committed_site_is_what_the_committed_cells_build(suite, tmp_path):
     built = build_site(load_suite(find_suite(suite)), committed_records(ROOT / "leaderboards" / suite), tmp_path)
     names = {p.relative_to(tmp_path) for p in built}
