@@ -66,3 +66,18 @@ def make_tarball(path: Path, members: dict[str, bytes]) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def run_folder_suite(text: str, shared_imgs: Path, root: Path, name: str):
+    """Write a suite (``text`` with ``{src}``/``{tgt}`` for the shared folders) under ``root``,
+    run every cell into ``root/results`` and check they all finished; (config, suite,
+    results folder, records)."""
+    from iwmf_bench.runner import run_cells
+    from iwmf_bench.suite import load_suite
+
+    config = root / f"{name}.yaml"
+    config.write_text(text.format(src=shared_imgs / "source", tgt=shared_imgs / "target"))
+    suite = load_suite(config)
+    records = run_cells(suite.cells(), root / "results", progress=False)
+    assert all(r["status"] == "ok" for r in records), [r.get("reason") for r in records]
+    return config, suite, root / "results", records

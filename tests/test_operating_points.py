@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_folder_suite
 import torch
 
 from iwmf_bench.equal_utility import APART_MARK
@@ -21,7 +22,6 @@ from iwmf_bench.pipeline.cell import Cell
 from iwmf_bench.pipeline.compute import run_cell
 from iwmf_bench.pipeline.outcome import CellMetrics, Votes, metrics_of
 from iwmf_bench.recommend import recommend
-from iwmf_bench.runner import run_cells
 from iwmf_bench.suite import find_suite, load_suite
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,13 +47,7 @@ evaluation: {{draws: 4}}
 
 @pytest.fixture(scope="module")
 def points_run(shared_imgs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("points")
-    config = root / "points.yaml"
-    config.write_text(SUITE.format(src=shared_imgs / "source", tgt=shared_imgs / "target"))
-    suite = load_suite(config)
-    records = run_cells(suite.cells(), root / "results", progress=False)
-    assert all(r["status"] == "ok" for r in records), [r.get("reason") for r in records]
-    return config, suite, root / "results", records
+    return run_folder_suite(SUITE, shared_imgs, tmp_path_factory.mktemp("points"), "points")
 
 
 # -- any threshold from the stored scores equals a fresh computation at it -------------
