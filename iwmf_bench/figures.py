@@ -9,7 +9,9 @@ import torch
 
 from . import roc
 from .data import to_uint8
+from .equal_utility import worst_at_equal_utility
 from .leaderboard import budget_order, first_per_defense, success, worst_case
+from .ranking import comparability
 from .pipeline.outcome import metrics_of
 from .suite import Suite
 
@@ -211,9 +213,6 @@ def tradeoff_curves(suite: Suite, records: list[dict], imgs: str | Path) -> dict
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .equal_utility import worst_at_equal_utility
-    from .ranking import comparability
 
     out: dict[str, list[Path]] = {}
     if not suite.families:

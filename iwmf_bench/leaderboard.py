@@ -21,6 +21,7 @@ from tabulate import tabulate
 from .attacks.base import blackbox_beats_whitebox
 from .metrics import Rate
 from .paired import BOOTSTRAP, MIN_IDENTITIES, compare, identity_interval, ranking
+from .pipeline.cell import Cell
 from .pipeline.outcome import DEPLOYMENTS, CellMetrics, attack_success, metrics_of
 from . import equal_utility
 from .equal_utility import APART_MARK
@@ -252,8 +253,6 @@ def staleness(record: dict) -> str | None:
     recomputed after a change shows such cells as stale, never as current."""
     if record.get("status") != "ok" or "key" not in record:
         return None
-    from .pipeline.cell import Cell  # the leaderboard reads records; only this check needs cells
-
     try:
         cell = Cell(**record["cell"])
     except TypeError:
