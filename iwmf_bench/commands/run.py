@@ -20,7 +20,7 @@ def _names(text: str | None) -> list[str] | None:
 
 def add_suite_options(p, executor=True):
     p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help=f"a suite YAML file, or the name of a shipped suite (default, smoke, extended, paper); "
+                   help=f"a suite YAML file, or the name of a shipped suite (default, smoke, tradeoff, extended, paper); "
                    f"default {DEFAULT_CONFIG}. Relative data paths in a suite resolve against its file's folder")
     p.add_argument("--results", default="results", help="result cache folder (default ./results)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
