@@ -117,7 +117,7 @@ def _budget_of_label(suite: Suite) -> dict[str, str]:
 
 
 def _curve_svg(title: str, series: dict[str, list[tuple[float, float, float, float]]], x_label: str,
-               step: bool = False, x_name: str = "eps") -> str:
+               step: bool = False, x_name: str = "eps", x_ticks: list[float] | None = None) -> str:
     """An inline SVG: per series (x, y, lo, hi) points in [0, 1] y, a line and a band; each
     point's numbers in its <title> (shown on hover)."""
     w, h, left, bottom, top, right = 460, 300, 46, 34, 24, 120
@@ -130,7 +130,7 @@ def _curve_svg(title: str, series: dict[str, list[tuple[float, float, float, flo
     for t in (0, 0.25, 0.5, 0.75, 1):
         out.append(f'<line x1="{left}" x2="{w - right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" stroke="#eee"/>'
                    f'<text x="{left - 4}" y="{sy(t) + 4:.1f}" font-size="10" text-anchor="end">{int(100 * t)}</text>')
-    for x in sorted(set(xs)):
+    for x in (x_ticks if x_ticks is not None else sorted(set(xs))):
         out.append(f'<text x="{sx(x):.1f}" y="{h - bottom + 14}" font-size="10" text-anchor="middle">{x:g}</text>')
     out.append(f'<text x="{(left + w - right) / 2:.0f}" y="{h - 4}" font-size="11" text-anchor="middle">'
                f'{_e(x_label)}</text>')
@@ -178,8 +178,9 @@ def _tradeoff_svgs(suite: Suite, model: str, t: dict) -> list[str]:
                 if pts:
                     series[family] = pts
             if series:
-                svgs.append(_curve_svg(f"{model}: worst case {b} against genuine FRR, {title}", series,
-                                       "genuine FRR at the model's threshold", x_name="FRR"))
+                top = max(x for pts in series.values() for x, *_ in pts)
+                svgs.append(_curve_svg(f"worst case {b} %, {title}", series, "genuine FRR, model's threshold",
+                                       x_name="FRR", x_ticks=[i / 10 for i in range(int(top * 10) + 1)]))
     return svgs
 
 
