@@ -15,7 +15,7 @@ from .metrics import Rate
 from .operating_points import NoScores, OperatingPoint, equal_utility, rescored, target_frr
 from .paired import ranking
 from .pipeline.outcome import CellMetrics, metrics_of
-from .ranking import budget_order, comparability, worst_case
+from .ranking import budget_order, comparability, ranked, worst_case
 
 BOUND_MARK = " †"
 APART_MARK = " ‡"
@@ -25,10 +25,24 @@ def _pct(value: float, ci: tuple[float, float] | list[float]) -> str:
     return f"{100 * value:.1f} [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
 
 
+def undefended_rows(suite) -> list[str]:
+    """The suite's undefended rows (``defense: none``), in order."""
+    return [d for d, o in suite.defenses.items() if o.get("defense") == "none"]
+
+
 def undefended_of(suite, records: list[dict]) -> CellMetrics | None:
     """The metrics of one finished cell of the suite's undefended row (``defense: none``)."""
-    labels = {d for d, o in suite.defenses.items() if o.get("defense") == "none"}
+    labels = set(undefended_rows(suite))
     return next((metrics_of(r) for r in records if r["status"] == "ok" and r["cell"]["defense"] in labels), None)
+
+
+def defense_cells(records: list[dict]) -> tuple[CellMetrics, CellMetrics | None]:
+    """Of one (model, defense)'s records, which must hold a finished cell: the metrics of its
+    first finished cell (every cell of a defense shares the genuine stage) and of its clean
+    cell, if any (the impostor FAR at a threshold)."""
+    ok = [r for r in records if r["status"] == "ok"]
+    clean = next((metrics_of(r) for r in ok if not r["cell"]["threat_options"].get("attack")), None)
+    return metrics_of(ok[0]), clean
 
 
 def operating_points(suite, records: list[dict]) -> tuple[dict[str, OperatingPoint], float, str]:
@@ -38,10 +52,8 @@ def operating_points(suite, records: list[dict]) -> tuple[dict[str, OperatingPoi
     out = {}
     for d in suite.defenses:
         cells = [r for r in records if r["status"] == "ok" and r["cell"]["defense"] == d]
-        if not cells:
-            continue
-        clean = next((metrics_of(r) for r in cells if not r["cell"]["threat_options"].get("attack")), None)
-        out[d] = equal_utility(metrics_of(cells[0]), clean, target, how)
+        if cells:
+            out[d] = equal_utility(*defense_cells(cells), target, how)
     return out, target, how
 
 
@@ -75,7 +87,7 @@ def family_section(suite, main_raw: list[dict], eu_raw: dict) -> dict | None:
     budgets = sorted({b for r in eu.values() for b in r["worst_case"]}, key=budget_order)
     headers = ["family", "parameter"] + [f"best at {b}: setting, worst case % (equal utility)" for b in budgets]
     rows, raw = [], []
-    undefended = [d for d, o in suite.defenses.items() if o.get("defense") == "none" and d in eu]
+    undefended = [d for d in undefended_rows(suite) if d in eu]
     entries = [(d, None, {d: None}) for d in undefended] + [
         (family, f["parameter"], f["rows"]) for family, f in suite.families.items()]
     for family, parameter, settings in entries:
@@ -141,10 +153,7 @@ def section(suite, records: list[dict], threats: list[str]) -> tuple[dict | None
         rows.append(row)
         raw.append(raw_row)
     if budgets:
-        first = budgets[0]
-        order = sorted(range(len(rows)), key=lambda i: (bool(missing[first].get(raw[i]["defense"])),
-                                                        worst[raw[i]["defense"]].get(first, {}).get("value", 2.0)))
-        rows, raw = [rows[i] for i in order], [raw[i] for i in order]
+        rows, raw = ranked(rows, raw, worst, missing[budgets[0]], budgets[0])
     paired = {}
     for b in budgets:  # paired rankings at equal utility, complete rows only
         per = {d: worst[d][b]["per_pair_single"] for d in points if b in worst[d] and not missing[b].get(d)}

@@ -9,7 +9,7 @@ import torch
 
 from . import roc
 from .data import to_uint8
-from .equal_utility import worst_at_equal_utility
+from .equal_utility import undefended_rows, worst_at_equal_utility
 from .leaderboard import budget_order, first_per_defense, success, worst_case
 from .ranking import comparability
 from .pipeline.outcome import metrics_of
@@ -229,7 +229,7 @@ def tradeoff_curves(suite: Suite, records: list[dict], imgs: str | Path) -> dict
             eu = worst_at_equal_utility(suite, mine)[1]
         except ValueError:
             eu = {}
-        undefended = [d for d, o in suite.defenses.items() if o.get("defense") == "none" and d in frr]
+        undefended = [d for d in undefended_rows(suite) if d in frr]
         for budget in sorted({b for w in worst.values() for b in w}, key=budget_order):
             apart = comparability({d: rs for d, rs in by_def.items() if worst.get(d)}, budget)
             fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)

@@ -26,7 +26,7 @@ from .pipeline.outcome import DEPLOYMENTS, CellMetrics, attack_success, metrics_
 from . import equal_utility
 from .equal_utility import APART_MARK
 from .ranking import (budget_of, budget_order, comparability, per_pair_success, randomness_of,  # noqa: F401 (API)
-                      worst_case)
+                      ranked, worst_case)
 from .suite import Suite
 from .util import write_json_atomic
 
@@ -351,10 +351,7 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
         # Rows sorted by the first worst-case column (lowest FAR first; skipped rows last).
         if budgets:
             first_budget = budgets[0]
-            order = sorted(range(len(rows)), key=lambda i: (
-                bool(missing[first_budget].get(raw[i]["defense"])),
-                worst[raw[i]["defense"]].get(first_budget, {}).get("value", 2.0)))
-            rows, raw = [rows[i] for i in order], [raw[i] for i in order]
+            rows, raw = ranked(rows, raw, worst, missing[first_budget], first_budget)
             notes.insert(0, f"worst case {first_budget} (first column, rows sorted by it): per pair, the best of "
                          f"{', '.join(worst[raw[0]['defense']][first_budget]['threats'])} (AutoAttack's rule: "
                          "a pair is robust only if every threat model within that budget fails on it)")

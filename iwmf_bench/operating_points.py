@@ -170,8 +170,11 @@ class OperatingPoint:
                 "clean_far": self.clean_far.to_dict() if self.clean_far else None, "how": self.how}
 
 
-def equal_utility(defended: CellMetrics, clean: CellMetrics | None, target: float, how: str) -> OperatingPoint:
+def equal_utility(defended: CellMetrics, clean: CellMetrics | None, target: float, how: str,
+                  at_most: bool = False) -> OperatingPoint:
     """A defense's equal-utility operating point (``defended``: any of its cells, all share
-    the genuine stage; ``clean``: its clean cell, for the impostor FAR at the threshold)."""
-    t = equal_utility_threshold(genuine_votes(defended), defended.metric, target, keep=defended.threshold)
+    the genuine stage; ``clean``: its clean cell, for the impostor FAR at the threshold);
+    ``at_most``: at the highest genuine FRR not above ``target`` (:func:`equal_utility_threshold`)."""
+    t = equal_utility_threshold(genuine_votes(defended), defended.metric, target, keep=defended.threshold,
+                                at_most=at_most)
     return OperatingPoint(t, frr_at(defended, t), rescored(clean, t).single_shot if clean else None, how)

@@ -79,6 +79,16 @@ def budget_order(budget: str) -> tuple:
     return (norm != "Linf", -float(eps))  # Linf first, the largest budget first
 
 
+def ranked(rows: list, raw: list[dict], worst: dict[str, dict], missing: dict[str, list[str]],
+           budget: str) -> tuple[list, list[dict]]:
+    """Table rows (display and raw, in step) sorted by ``budget``'s worst case, lowest first,
+    the rows that met every threat model there before those that did not (``missing``: per
+    defense, the threat models it lacks); rows without that worst case last."""
+    order = sorted(range(len(rows)), key=lambda i: (bool(missing.get(raw[i]["defense"])),
+                                                    worst[raw[i]["defense"]].get(budget, {}).get("value", 2.0)))
+    return [rows[i] for i in order], [raw[i] for i in order]
+
+
 def threats_within(records: list[dict], budget: str, statuses: tuple[str, ...] = ("ok", "n/a")) -> set[str]:
     """The threat models within ``budget`` that one (model, defense)'s cells met: finished,
     or not applicable to the defense (exact gradients through a non-differentiable one: no

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .equal_utility import rescored_cells, undefended_of
+from .equal_utility import defense_cells, rescored_cells, undefended_of
 from .metrics import Rate
-from .operating_points import OperatingPoint, equal_utility_threshold, frr_at, genuine_votes, rescored
-from .pipeline.outcome import metrics_of
+from .operating_points import OperatingPoint, equal_utility, genuine_votes
 from .ranking import budget_order, comparability
 
 
@@ -61,14 +60,8 @@ def recommend(suite, records: list[dict], model: str, family: str, allowance: fl
     by_def = {d: rs for d, rs in by_def.items() if any(r["status"] == "ok" for r in rs)}
     if not by_def:
         raise ValueError(f"{suite.name}/{model}: no finished cell of family {family!r}")
-    points = {}
-    for d, rs in by_def.items():
-        ok = [metrics_of(r) for r in rs if r["status"] == "ok"]
-        clean = next((metrics_of(r) for r in rs if r["status"] == "ok" and not r["cell"]["threat_options"].get("attack")),
-                     None)
-        t = equal_utility_threshold(genuine_votes(ok[0]), ok[0].metric, target, keep=ok[0].threshold, at_most=True)
-        points[d] = OperatingPoint(t, frr_at(ok[0], t), rescored(clean, t).single_shot if clean else None,
-                                   f"genuine FRR at most {100 * target:.1f}%")
+    points = {d: equal_utility(*defense_cells(rs), target, f"genuine FRR at most {100 * target:.1f}%", at_most=True)
+              for d, rs in by_def.items()}
     worst = rescored_cells(by_def, points)[1]
     budgets = sorted({b for w in worst.values() for b in w}, key=budget_order)
     if not budgets:
@@ -79,8 +72,8 @@ def recommend(suite, records: list[dict], model: str, family: str, allowance: fl
     elif budget not in budgets:
         raise ValueError(f"budget {budget!r} not among the family's worst cases ({', '.join(budgets)})")
     missing = {b: comparability(by_def, b) for b in budgets}
-    settings = [Setting(d, f["rows"][d], metrics_of(next(r for r in rs if r["status"] == "ok")).frr_genuine,
-                        points[d], worst[d], {b: missing[b].get(d, []) for b in budgets}) for d, rs in by_def.items()]
+    settings = [Setting(d, f["rows"][d], defense_cells(rs)[0].frr_genuine, points[d], worst[d],
+                        {b: missing[b].get(d, []) for b in budgets}) for d, rs in by_def.items()]
     eligible = [s for s in settings if budget in s.worst and not s.missing[budget]]
     best = min(eligible, key=lambda s: s.worst[budget]["value"]) if eligible else None
     p = undefended.per_pair

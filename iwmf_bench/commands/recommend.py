@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..equal_utility import undefended_rows
 from ..errors import BenchError
 from ..leaderboard import cell_file
 from ..recommend import recommend, report
@@ -39,7 +40,7 @@ def main(args) -> int:
     if args.family not in suite.families:
         raise BenchError(f"--family {args.family}: not a strength-swept family of {suite.name} (has: "
                          f"{', '.join(suite.families) or 'none'})")
-    wanted = set(suite.families[args.family]["rows"]) | {d for d, o in suite.defenses.items() if o.get("defense") == "none"}
+    wanted = set(suite.families[args.family]["rows"]) | set(undefended_rows(suite))
     cells = [c for c in suite.cells(models=[args.model]) if c.defense in wanted]
     committed = Path(args.leaderboards or f"leaderboards/{suite.name}") / "cells"
     records, missing = [], []
