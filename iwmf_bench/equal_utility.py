@@ -15,14 +15,10 @@ from .metrics import Rate
 from .operating_points import NoScores, OperatingPoint, equal_utility, rescored, target_frr
 from .paired import ranking
 from .pipeline.outcome import CellMetrics, metrics_of
-from .ranking import budget_order, comparability, ranked, worst_case
+from .ranking import budget_order, comparability, pct, ranked, worst_case
 
 BOUND_MARK = " †"
 APART_MARK = " ‡"
-
-
-def _pct(value: float, ci: tuple[float, float] | list[float]) -> str:
-    return f"{100 * value:.1f} [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
 
 
 def undefended_rows(suite) -> list[str]:
@@ -101,7 +97,7 @@ def family_section(suite, main_raw: list[dict], eu_raw: dict) -> dict | None:
             value, d = min(candidates)
             w = eu[d]["worst_case"][b]
             frr = main.get(d, {}).get("frr_genuine")
-            row.append(f"{d}: {_pct(value, w['ci95'])}" + (f" (FRR at the model's threshold {100 * frr['value']:.1f})"
+            row.append(f"{d}: {pct({'value': value, 'ci95': w['ci95']})}" + (f" (FRR at the model's threshold {100 * frr['value']:.1f})"
                                                            if frr and parameter else ""))
             raw_row["best"][b] = {"defense": d, "value": settings[d], "worst_case": w,
                                   "frr_genuine_model_threshold": frr, "threshold": eu[d]["threshold"]}
@@ -136,7 +132,7 @@ def section(suite, records: list[dict], threats: list[str]) -> tuple[dict | None
         raw_row = {"defense": d, **p.to_dict(), "worst_case": {}, "far": {}}
         for b in budgets:
             w = worst[d].get(b)
-            row.append(_pct(w["value"], w["ci95"]) + (APART_MARK if missing[b].get(d) else "") if w else "")
+            row.append(pct(w) + (APART_MARK if missing[b].get(d) else "") if w else "")
             if w:
                 raw_row["worst_case"][b] = {**{k: v for k, v in w.items() if not k.startswith("per_pair")},
                                             "comparable": not missing[b].get(d), "missing_threats": missing[b].get(d, [])}
@@ -146,7 +142,7 @@ def section(suite, records: list[dict], threats: list[str]) -> tuple[dict | None
                 row.append("")
                 continue
             rate = r.single_shot
-            row.append(_pct(rate.value, rate.interval) + (BOUND_MARK if r.bound else ""))
+            row.append(pct(rate) + (BOUND_MARK if r.bound else ""))
             raw_row["far"][t] = {**rate.to_dict(), "bound": r.bound}
             if r.bound:
                 bounds.add(r.bound.split(": ", 1)[1].split(";")[0])
@@ -177,4 +173,4 @@ def section(suite, records: list[dict], threats: list[str]) -> tuple[dict | None
 
 
 def _rate(rate: Rate | None) -> str:
-    return _pct(rate.value, rate.interval) if rate is not None else ""
+    return pct(rate) if rate is not None else ""

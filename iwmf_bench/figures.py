@@ -1,4 +1,4 @@
-"""Figures for the README: FAR per threat model per defense, example images, and the
+"""Figures for the leaderboards and the docs: FAR per threat model per defense, example images, and the
 clean ROC of each defense (dataset suites)."""
 
 from __future__ import annotations

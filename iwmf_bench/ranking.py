@@ -110,3 +110,10 @@ def comparability(by_defense: dict[str, list[dict]], budget: str) -> dict[str, l
     met = {d: threats_within(rs, budget) for d, rs in by_defense.items()}
     every = set().union(*met.values()) if met else set()
     return {d: sorted(every - m) for d, m in met.items()}
+
+
+def pct(rate: Rate | dict) -> str:
+    """``12.5 [4, 30]``: a rate (or a worst case's dict: ``value``, ``ci95``) in % with its
+    95% interval, as every leaderboard table writes it."""
+    value, (lo, hi) = (rate.value, rate.interval) if isinstance(rate, Rate) else (rate["value"], rate["ci95"])
+    return f"{100 * value:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"

@@ -28,7 +28,7 @@ from iwmf_bench.npm_weights import verified_files
 from iwmf_bench.tfjs import read_weights
 from conftest import align_shared_pairs, make_tarball
 
-PAIRS = 8  # APGD pairs in the test (the 20-pair figure is in the notes/README)
+PAIRS = 8  # APGD pairs in the test (the 20-pair figure is in docs/models.md)
 STEPS = 10
 SEED = 0
 

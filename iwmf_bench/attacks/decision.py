@@ -48,6 +48,9 @@ the algorithm: the query-budget curve), ``repeats``, ``sequential``, ``max_queri
 Randomness: the search (``make_generator(seed, name, "search")``) and the defense's draws
 inside the oracle (``make_generator(seed, name, "oracle")``) are separate streams, so a
 run is deterministic for its seed.
+
+Over the 400-line cap: the oracle and the attack base share this module; the oracle moves to
+its own module together with the next recompute of the decision-based cells.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from ..errors import BenchError
 from .base import Attack, AttackResult, AttackTask, fit_l2_ball, is_random, make_generator
 
 # Linf 0.8: AutoAttack's value and the paper's code's (its SquareAttack class default); on
-# the shared faces it is what makes transferred faces survive IWMF (README, "Square: which
+# the shared faces it is what makes transferred faces survive IWMF (docs/methods/square-settings.md, "Square: which
 # setting makes it strong"; the Square paper's 0.05 reached 20% undefended, 0.8 75%). L2
 # keeps the Square paper's 0.1 (not measured here).
 P_INIT = {"Linf": 0.8, "L2": 0.1}

@@ -24,6 +24,10 @@ stride-2 convolutions and pools use no padding; a residual add of different shap
 zero-pads the smaller operand (channels, and the right/bottom edges); the fc weight is
 stored (in, out). Descriptors are not unit norm: dlib's threshold 0.6 is a euclidean
 distance between raw descriptors.
+
+Over the 400-line cap: the .dat parser and the network share this module; splitting them
+moves the fingerprint of every dlib-resnet cell, so the split lands with the next full
+recompute of the committed suites.
 """
 
 from __future__ import annotations
