@@ -81,3 +81,17 @@ def run_folder_suite(text: str, shared_imgs: Path, root: Path, name: str):
     records = run_cells(suite.cells(), root / "results", progress=False)
     assert all(r["status"] == "ok" for r in records), [r.get("reason") for r in records]
     return config, suite, root / "results", records
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium driven by playwright (the site's and the docs' browser tests); the
+    test is skipped where either is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("Chromium not found (apt-get install chromium; scripts/setup.sh does it as root)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield b
+        b.close()

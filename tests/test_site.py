@@ -34,23 +34,6 @@ def test_committed_site_is_what_the_committed_cells_build(suite, tmp_path):
         assert (tmp_path / name).read_bytes() == (SITE / suite / name).read_bytes(), name
 
 
-def _chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.skip("Chromium not found (apt-get install chromium; scripts/setup.sh does it as root)")
-    return path
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
-    executable = _chromium()
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        yield b
-        b.close()
-
-
 @pytest.fixture
 def smoke_page(browser, tmp_path):
     """The smoke index in a fresh page, with every console error and every request recorded."""
