@@ -80,3 +80,18 @@ def on_files(files: Files, config) -> Files:
     for path in sorted(FIGURES.glob("*.png")):
         files.append(File.generated(config, f"imgs/{path.name}", abs_src_path=str(path)))
     return files
+
+
+# Docstrings cross-reference in Sphinx's roles (``:func:`~iwmf_bench.scoring.evaluate```),
+# which Markdown renders as the role's name beside inline code. The API pages show the name
+# alone, as Sphinx would: the role dropped, a leading ``~`` shortening the path to its last part.
+SPHINX_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):<code>(~?)([^<]*)</code>")
+
+
+def _without_roles(html: str) -> str:
+    return SPHINX_ROLE.sub(lambda m: f"<code>{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}</code>",
+                           html)
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    return _without_roles(html)

@@ -49,6 +49,14 @@ def test_docs_build_strict(site):
     assert not (site / "hooks.py").exists()
 
 
+def test_api_reference_shows_cross_references_without_sphinx_roles(site):
+    """Docstrings write ``:func:`~iwmf_bench.scoring.evaluate``` (Sphinx); the API page shows
+    ``evaluate`` as code, not the role's name beside it."""
+    api = (site / "reference" / "api.html").read_text(encoding="utf-8")
+    assert not re.search(r":(?:func|class|meth|mod|attr|data|exc):<code>", api)
+    assert "<code>iwmf_bench.operating_points</code>" in api  # a full path stays as written
+
+
 def test_leaderboard_sites_links_resolve_in_the_docs(site):
     """The copied leaderboard sites keep working inside the docs: every relative link and
     image of their pages (to their cells, to the figures, to the pages that hold the README's
