@@ -174,6 +174,49 @@ def security_curves(suite: Suite, records: list[dict], imgs: str | Path) -> dict
     return out
 
 
+def query_points(suite: Suite, records: list[dict]) -> dict[tuple[str, str], dict[str, list[tuple[int, object]]]]:
+    """Per (model, query sweep of :meth:`~iwmf_bench.suite.Suite.query_sweeps`), per
+    defense: (max_queries, the cell's success Rate) at each query budget it finished."""
+    ok = {(r["cell"]["model"], r["cell"]["defense"], r["cell"]["threat"]): r for r in records if r["status"] == "ok"}
+    out: dict[tuple[str, str], dict[str, list]] = {}
+    for model in dict.fromkeys(k[0] for k in ok):
+        for name, budgets in suite.query_sweeps().items():
+            curves = {d: [(q, success(ok[(model, d, label)])) for q, label in budgets if (model, d, label) in ok]
+                      for d in suite.defenses}
+            curves = {d: points for d, points in curves.items() if points}
+            if curves:
+                out[(model, name)] = curves
+    return out
+
+
+def query_curves(suite: Suite, records: list[dict], imgs: str | Path) -> dict[str, list[Path]]:
+    """``imgs/<suite>_queries_<model>_<sweep>.png`` for every query sweep: a decision-based
+    attack's success (FAR, single-shot) against its query budget per pair (log scale), one
+    curve per defense with its 95% interval as a band: the security curve of an attacker who
+    sees accept/reject only. Per model, the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: dict[str, list[Path]] = {}
+    for (model, name), curves in query_points(suite, records).items():
+        fig, ax = plt.subplots(figsize=(5.2, 3.8))
+        for d, points in curves.items():
+            q = [k for k, _ in points]
+            ax.plot(q, [100 * r.value for _, r in points], marker="o", ms=3, label=d)
+            ax.fill_between(q, [100 * r.interval[0] for _, r in points], [100 * r.interval[1] for _, r in points],
+                            alpha=0.12)
+        ax.set_xscale("log")
+        ax.set_xlabel("queries per pair (accept/reject answers)")
+        ax.set_ylabel("FAR %")
+        ax.set_ylim(-2, 102)
+        ax.set_title(f"{model}: {name} ({suite.name} suite)", fontsize=9)
+        ax.legend(fontsize=6, ncols=2)
+        out.setdefault(model, []).append(save_figure(fig, Path(imgs) / f"{suite.name}_queries_{model}_{name}.png"))
+    return out
+
+
 def minimal_budget_curve(suite: Suite, model: str, threat: str, ok: dict, imgs: str | Path) -> Path | None:
     """The empirical security curve of a minimal-budget threat: per defense, the fraction
     of pairs whose smallest breaking budget is at most eps (a step function)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .attacks.base import make_generator
-from .figures import example_grid, far_plot, roc_plots, security_curves, tradeoff_curves
+from .figures import example_grid, far_plot, query_curves, roc_plots, security_curves, tradeoff_curves
 from .leaderboard import render
 from .site import build_site
 from .pipeline.build import build_defense, build_model
@@ -21,8 +21,9 @@ from .suite import Suite
 def publish(suite: Suite, records: list[dict], leaderboards: str | Path, imgs: str | Path,
             results_root: str | Path) -> list[Path]:
     curves = security_curves(suite, records, imgs)
-    for model, paths in tradeoff_curves(suite, records, imgs).items():
-        curves.setdefault(model, []).extend(paths)
+    for extra in (tradeoff_curves(suite, records, imgs), query_curves(suite, records, imgs)):
+        for model, paths in extra.items():
+            curves.setdefault(model, []).extend(paths)
     paths = render(suite, records, leaderboards, curves)
     paths += [p for model in curves.values() for p in model]
     plot = far_plot(suite, records, Path(imgs) / f"{suite.name}_far.png")

@@ -82,6 +82,21 @@ class Suite:
         return {t: [(o["eps"], label) for label, o in self.budgets(t)]
                 for t, opts in self.threat_models.items() if isinstance(opts.get("eps"), list)}
 
+    def query_sweeps(self) -> dict[str, list[tuple[int, str]]]:
+        """Query-budget curves: threat models that differ only in ``max_queries`` (a
+        decision-based attack at several query budgets), by a name of their shared options,
+        with the (max_queries, label) of each in increasing order; only groups of two or more."""
+        groups: dict[str, list[tuple[int, str]]] = {}
+        for label, opts in self.threat_models.items():
+            if "max_queries" not in opts or isinstance(opts.get("eps"), list):
+                continue
+            rest = {k: v for k, v in opts.items() if k != "max_queries"}
+            name = "-".join(str(rest[k]) for k in ("attack", "norm", "eps") if k in rest)
+            extra = sorted((k, v) for k, v in rest.items() if k not in ("attack", "norm", "eps", "setting"))
+            name += "".join(f"-{k}{v}" for k, v in extra)
+            groups.setdefault(name, []).append((int(opts["max_queries"]), label))
+        return {name: sorted(members) for name, members in groups.items() if len(members) > 1}
+
     def columns(self) -> list[str]:
         """Cell labels in table order; of a sweep, every budget (CSV/JSON show them all)."""
         return [label for t in self.threat_models for label, _ in self.budgets(t)]

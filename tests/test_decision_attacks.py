@@ -355,3 +355,45 @@ def test_real_model_end_to_end(shared_imgs, tmp_path):
         assert result.info["start"] == ["given", "given"]
         assert all(non_increasing(tr) for tr in result.info["trajectory"])
         assert (result.info["distance"] < (src - tgt).flatten(1).norm(dim=1).double()).all()
+
+
+QUERY_SUITE = """\
+name: queries
+seed: 0
+device: cpu
+data: {{sources: "{src}", targets: "{tgt}", align: true, pairs: 3}}
+models: {{dlib-resnet: {{}}}}
+defenses:
+  none: {{defense: none}}
+  iwmf: {{defense: iwmf, lambda_0: 0.25}}
+threat_models:
+  hsj-30: {{attack: hopskipjump, setting: adaptive, norm: L2, eps: 2.0, max_queries: 30}}
+  hsj-90: {{attack: hopskipjump, setting: adaptive, norm: L2, eps: 2.0, max_queries: 90}}
+  hsj-linf: {{attack: hopskipjump, setting: adaptive, norm: Linf, eps: 0.03, max_queries: 30}}
+evaluation: {{draws: 2}}
+"""
+
+
+def test_query_budget_curves_plot_each_defenses_far_against_queries(shared_imgs, tmp_path):
+    """Threat models that differ only in max_queries form a query curve: one figure per
+    model with each defense's FAR at each budget, read from the cells (a lone budget makes
+    no curve)."""
+    from iwmf_bench.figures import query_curves, query_points
+    from iwmf_bench.pipeline.outcome import metrics_of
+    from iwmf_bench.runner import run_cells
+    from iwmf_bench.suite import load_suite
+
+    config = tmp_path / "queries.yaml"
+    config.write_text(QUERY_SUITE.format(src=shared_imgs / "source", tgt=shared_imgs / "target"))
+    suite = load_suite(config)
+    assert suite.query_sweeps() == {"hopskipjump-L2-2.0": [(30, "hsj-30"), (90, "hsj-90")]}
+    records = run_cells(suite.cells(), tmp_path / "results", progress=False)
+    assert all(r["status"] == "ok" for r in records)
+    far = {(r["cell"]["defense"], r["cell"]["threat"]): metrics_of(r).success for r in records}
+    points = query_points(suite, records)
+    assert list(points) == [("dlib-resnet", "hopskipjump-L2-2.0")]
+    assert points[("dlib-resnet", "hopskipjump-L2-2.0")] == {
+        d: [(30, far[(d, "hsj-30")]), (90, far[(d, "hsj-90")])] for d in ("none", "iwmf")}
+    paths = query_curves(suite, records, tmp_path / "imgs")
+    assert [p.name for p in paths["dlib-resnet"]] == ["queries_queries_dlib-resnet_hopskipjump-L2-2.0.png"]
+    assert paths["dlib-resnet"][0].stat().st_size > 5000
