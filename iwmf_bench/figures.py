@@ -133,6 +133,16 @@ def roc_plots(suite, records: list[dict], imgs) -> list:
     return paths
 
 
+def lines_with_bands(ax, curves: dict) -> None:
+    """One line per defense through its (x, Rate) points, the rate in %, with its 95%
+    interval as a shaded band (security curves over eps or over queries)."""
+    for d, points in curves.items():
+        x = [k for k, _ in points]
+        ax.plot(x, [100 * r.value for _, r in points], marker="o", ms=3, label=d)
+        ax.fill_between(x, [100 * r.interval[0] for _, r in points], [100 * r.interval[1] for _, r in points],
+                        alpha=0.12)
+
+
 def security_curves(suite: Suite, records: list[dict], imgs: str | Path) -> dict[str, list[Path]]:
     """``imgs/<suite>_curve_<model>_<threat>.png`` for every budget sweep (``eps: [...]``):
     the attack's success (FAR, single-shot) against eps, one curve per defense with its
@@ -154,11 +164,7 @@ def security_curves(suite: Suite, records: list[dict], imgs: str | Path) -> dict
             if not curves:
                 continue
             fig, ax = plt.subplots(figsize=(5.2, 3.8))
-            for d, points in curves.items():
-                eps = [e for e, _ in points]
-                ax.plot(eps, [100 * r.value for _, r in points], marker="o", ms=3, label=d)
-                ax.fill_between(eps, [100 * r.interval[0] for _, r in points], [100 * r.interval[1] for _, r in points],
-                                alpha=0.12)
+            lines_with_bands(ax, curves)
             opts = suite.threat_models[threat]
             ax.set_xlabel(f"budget eps ({opts.get('norm', 'Linf')})")
             ax.set_ylabel("dodging %" if opts.get("goal") == "dodging" else "FAR %")
@@ -202,11 +208,7 @@ def query_curves(suite: Suite, records: list[dict], imgs: str | Path) -> dict[st
     out: dict[str, list[Path]] = {}
     for (model, name), curves in query_points(suite, records).items():
         fig, ax = plt.subplots(figsize=(5.2, 3.8))
-        for d, points in curves.items():
-            q = [k for k, _ in points]
-            ax.plot(q, [100 * r.value for _, r in points], marker="o", ms=3, label=d)
-            ax.fill_between(q, [100 * r.interval[0] for _, r in points], [100 * r.interval[1] for _, r in points],
-                            alpha=0.12)
+        lines_with_bands(ax, curves)
         ax.set_xscale("log")
         ax.set_xlabel("queries per pair (accept/reject answers)")
         ax.set_ylabel("FAR %")
