@@ -133,6 +133,15 @@ def roc_plots(suite, records: list[dict], imgs) -> list:
     return paths
 
 
+def sweep_points(suite: Suite, ok: dict, model: str, budgets) -> dict[str, list]:
+    """Per defense with a finished cell, (x, the cell's success Rate) at each (x, cell label)
+    of a sweep (``budgets``: eps or queries), from ``ok``: finished records by (model,
+    defense, threat)."""
+    curves = {d: [(x, success(ok[(model, d, label)])) for x, label in budgets if (model, d, label) in ok]
+              for d in suite.defenses}
+    return {d: points for d, points in curves.items() if points}
+
+
 def lines_with_bands(ax, curves: dict) -> None:
     """One line per defense through its (x, Rate) points, the rate in %, with its 95%
     interval as a shaded band (security curves over eps or over queries)."""
@@ -156,11 +165,7 @@ def security_curves(suite: Suite, records: list[dict], imgs: str | Path) -> dict
     out: dict[str, list[Path]] = {}
     for model in dict.fromkeys(k[0] for k in ok):
         for threat, budgets in suite.sweeps().items():
-            curves = {}
-            for d in suite.defenses:
-                points = [(eps, success(ok[(model, d, label)])) for eps, label in budgets if (model, d, label) in ok]
-                if points:
-                    curves[d] = points
+            curves = sweep_points(suite, ok, model, budgets)
             if not curves:
                 continue
             fig, ax = plt.subplots(figsize=(5.2, 3.8))
@@ -184,12 +189,11 @@ def query_points(suite: Suite, records: list[dict]) -> dict[tuple[str, str], dic
     """Per (model, query sweep of :meth:`~iwmf_bench.suite.Suite.query_sweeps`), per
     defense: (max_queries, the cell's success Rate) at each query budget it finished."""
     ok = {(r["cell"]["model"], r["cell"]["defense"], r["cell"]["threat"]): r for r in records if r["status"] == "ok"}
+    sweeps = suite.query_sweeps()
     out: dict[tuple[str, str], dict[str, list]] = {}
     for model in dict.fromkeys(k[0] for k in ok):
-        for name, budgets in suite.query_sweeps().items():
-            curves = {d: [(q, success(ok[(model, d, label)])) for q, label in budgets if (model, d, label) in ok]
-                      for d in suite.defenses}
-            curves = {d: points for d, points in curves.items() if points}
+        for name, budgets in sweeps.items():
+            curves = sweep_points(suite, ok, model, budgets)
             if curves:
                 out[(model, name)] = curves
     return out
