@@ -29,7 +29,7 @@ from tabulate import tabulate
 
 from iwmf_bench import registry
 from iwmf_bench.align import align_folder
-from iwmf_bench.attacks.adaptive import evaluate
+from iwmf_bench.scoring import evaluate
 from iwmf_bench.attacks.apgd import APGD
 from iwmf_bench.attacks.autoattack import AutoAttack
 from iwmf_bench.attacks.base import AttackTask

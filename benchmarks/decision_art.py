@@ -73,8 +73,9 @@ from art.estimators.classification import BlackBoxClassifier
 from tabulate import tabulate
 
 from iwmf_bench import metrics, registry
-from iwmf_bench.attacks.base import AttackTask, fit_l2_ball, make_generator, quantize_within_budget
-from iwmf_bench.attacks.decision import distances
+from iwmf_bench.attacks.base import AttackTask, make_generator
+from iwmf_bench.attacks.budget import fit_l2_ball, quantize_within_budget
+from iwmf_bench.attacks.oracle import distances
 from iwmf_bench.attacks.hopskipjump import HopSkipJump
 from iwmf_bench.defenses.iwmf import IWMF
 from iwmf_bench.models.base import frozen

@@ -48,7 +48,8 @@ import torch
 from tabulate import tabulate
 
 from iwmf_bench.defenses import diffusion_unet
-from iwmf_bench.defenses.diffusion import DiffPure, IWMFDiff, build_unet, load_prior_config
+from iwmf_bench.defenses.diffusion import DiffPure, IWMFDiff
+from iwmf_bench.defenses.diffusion_prior import build_unet, load_prior_config
 
 
 def make(cls, args, **kw):

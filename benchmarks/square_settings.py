@@ -39,7 +39,7 @@ import torch
 from tabulate import tabulate
 
 from iwmf_bench import registry
-from iwmf_bench.attacks.adaptive import evaluate
+from iwmf_bench.scoring import evaluate
 from iwmf_bench.attacks.base import AttackTask
 from iwmf_bench.attacks.square import Square
 from iwmf_bench.defenses.iwmf import IWMF

@@ -16,10 +16,12 @@ of its module and of every project module it imports, transitively:
   which would make every component depend on every other).
 
 A third-party plugin gets the same treatment: its own package's modules and the
-iwmf_bench modules it imports. What a fingerprint does not see: data files a module
-reads at run time (the diffusion priors' YAML, weights: those are pinned by sha256 in
-the code that fetches them), and code reached without an import statement
-(``importlib.import_module`` with a computed name).
+iwmf_bench modules it imports. Data files a component reads are not code: a defense
+declares them (``Defense.data_files(options)``, e.g. a diffusion prior's YAML) and the
+cell key hashes their bytes beside the code's fingerprint
+(:meth:`iwmf_bench.pipeline.cell.Cell.code`); weights are pinned by sha256 in the code
+that fetches them. What a fingerprint does not see: code reached without an import
+statement (``importlib.import_module`` with a computed name).
 """
 
 from __future__ import annotations

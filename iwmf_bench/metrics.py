@@ -159,3 +159,23 @@ def roc_auc(genuine: torch.Tensor, impostor: torch.Tensor, metric: str) -> float
         g, i = -g, -i
     diff = g.view(-1, 1) - i.view(1, -1)
     return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
+
+
+def median_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """Median of ``values`` (``inf`` counts as the largest: e.g. the minimal budget of an
+    unbroken sample) and a distribution-free ``level`` interval for it from order
+    statistics (binomial(n, 1/2) ranks); bounds are 0 / ``inf`` where ``n`` is too small to
+    reach the level."""
+    values = sorted(float(v) for v in values)
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    median = values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+    # Largest k with P(Bin(n, 1/2) < k) <= (1 - level) / 2: [x_(k), x_(n+1-k)] (1-based) covers the median.
+    alpha, cdf, k = (1 - level) / 2, 0.0, 0
+    while k < n and cdf + math.comb(n, k) / 2 ** n <= alpha:
+        cdf += math.comb(n, k) / 2 ** n
+        k += 1
+    if k == 0:
+        return median, 0.0, math.inf
+    return median, values[k - 1], values[n - k]

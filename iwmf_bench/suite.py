@@ -23,7 +23,7 @@ from .devices import resolve_device
 from .errors import BenchError
 from . import image_sets
 from .pipeline import data_spec, dataset_pairs, threshold
-from .attacks.known import RANDOMNESS
+from .scoring import RANDOMNESS
 from .pipeline.cell import REQUIRES, SETTINGS, SURROGATE_KEYS, Cell
 from .pipeline.surrogate import resolve_surrogate
 from .util import SUITE_KEYS

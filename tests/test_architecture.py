@@ -152,6 +152,19 @@ def test_pipeline_modules_are_short_and_state_their_contract(name):
     assert doc and len(doc) > 80, f"{path.name} needs a docstring stating its contract"
 
 
+def test_pipeline_asks_the_attack_contract_only():
+    """The stages reach attacks through their contract (``attacks/base``: the interface an
+    attack declares) and never a particular attack's module, so a new attack with its own
+    needs does not edit a stage; the scorer's draws live in ``iwmf_bench.scoring``."""
+    for name, path in MODULES.items():
+        if not name.startswith("iwmf_bench.pipeline"):
+            continue
+        for target, _, _, _ in project_imports(name, path):
+            if target.startswith("iwmf_bench.attacks"):
+                assert target in ("iwmf_bench.attacks", "iwmf_bench.attacks.base"), (name, target)
+                assert target == "iwmf_bench.attacks.base", (name, target)
+
+
 CAP = 400  # lines: a module one reads in a sitting
 
 

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from iwmf_bench import metrics, registry
-from iwmf_bench.attacks.adaptive import evaluate
+from iwmf_bench.scoring import evaluate
 from iwmf_bench.attacks.apgd import APGD
-from iwmf_bench.attacks.base import AttackTask, check_budget, check_deterministic, on_8bit_grid
+from iwmf_bench.attacks.base import AttackTask, check_deterministic
+from iwmf_bench.attacks.budget import check_budget, on_8bit_grid
 from iwmf_bench.attacks.classifier import VerificationClassifier
 from iwmf_bench.attacks.square import Square
 from iwmf_bench.data import load_folder

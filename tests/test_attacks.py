@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from iwmf_bench import metrics, registry
-from iwmf_bench.attacks.adaptive import Adaptive, evaluate
+from iwmf_bench.attacks.adaptive import Adaptive
+from iwmf_bench.scoring import evaluate
 from iwmf_bench.attacks.apgd import APGD, checkpoints, project
-from iwmf_bench.attacks.base import (Attack, AttackBudgetError, AttackResult, AttackTask, NonDeterministicAttack,
-                                     blackbox_beats_whitebox, check_budget, check_deterministic,
-                                     quantize_within_budget)
+from iwmf_bench.attacks.base import (Attack, AttackResult, AttackTask, NonDeterministicAttack,
+                                     blackbox_beats_whitebox, check_deterministic)
+from iwmf_bench.attacks.budget import AttackBudgetError, check_budget, quantize_within_budget
 from iwmf_bench.attacks.eot import APGDEOT
 from iwmf_bench.attacks.square import Square, meta_pseudo_gaussian, p_selection
 from iwmf_bench.data import quantize

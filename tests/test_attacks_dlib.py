@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from iwmf_bench import registry
-from iwmf_bench.attacks.adaptive import Adaptive, evaluate
+from iwmf_bench.attacks.adaptive import Adaptive
+from iwmf_bench.scoring import evaluate
 from iwmf_bench.attacks.apgd import APGD
-from iwmf_bench.attacks.base import AttackTask, check_budget
+from iwmf_bench.attacks.base import AttackTask
+from iwmf_bench.attacks.budget import check_budget
 from iwmf_bench.data import load_folder, quantize
 from iwmf_bench.defenses.iwmf import IWMF
 from conftest import align_shared_pairs

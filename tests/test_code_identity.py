@@ -227,13 +227,13 @@ evaluation: {{draws: 2}}
 """
 
 
-def _run(src: Path, config: Path, out: Path) -> dict[str, dict]:
+def _run(src: Path, config: Path, out: Path, suite: str = "rerun") -> dict[str, dict]:
     r = subprocess.run([sys.executable, "-c", CLI, "run", "--all", "--config", str(config), "--results",
                         str(out / "results"), "--leaderboards", str(out / "lb"), "--imgs", str(out / "imgs"),
                         "--no-progress"], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": str(src)}, cwd=src)
     assert r.returncode == 0, r.stderr[-3000:]
-    return {p.name: json.loads(p.read_text()) for p in (out / "results" / "rerun").glob("*.json")}
+    return {p.name: json.loads(p.read_text()) for p in (out / "results" / suite).glob("*.json")}
 
 
 def test_rerun_after_a_defense_change_recomputes_exactly_its_cells(package_copy, shared_imgs, tmp_path):
@@ -256,3 +256,93 @@ def test_rerun_after_a_defense_change_recomputes_exactly_its_cells(package_copy,
     new_jpeg = next(r for r in new.values() if r["name"] == "dlib-resnet/jpeg/clean")
     assert new_jpeg["code"]["defense"] != old_jpeg["code"]["defense"]
     assert new_jpeg["code"]["pipeline"] == old_jpeg["code"]["pipeline"]
+
+
+# --- data files: what code reads besides code --------------------------------------------
+
+_OPENED: list[str] | None = None
+
+
+def _audit(event, args):
+    if _OPENED is not None and event == "open" and isinstance(args[0], (str, Path)):
+        _OPENED.append(str(args[0]))
+
+
+sys.addaudithook(_audit)  # inert until a test sets _OPENED
+
+
+def _defense_options(name: str) -> dict:
+    return {"config": "tiny", "pretrained": False, "timesteps": 2} if name in ("diffpure", "iwmfdiff") else {}
+
+
+@pytest.mark.parametrize("name", sorted(__import__("iwmf_bench.registry", fromlist=["x"]).available("defenses")))
+def test_every_package_file_a_defense_reads_is_declared_in_its_fingerprint(name):
+    """Building a defense and purifying with it may read files of the package other than
+    code only where its ``data_files`` declares them (so the cell key hashes them): this
+    fails when a module opens a package file no fingerprint covers."""
+    global _OPENED
+    import torch
+
+    from iwmf_bench import registry
+
+    options = _defense_options(name)
+    factory = registry.get("defenses", name).factory
+    _OPENED = []
+    try:
+        defense = factory(**options)
+        defense.purify(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+                       torch.Generator().manual_seed(1))
+    finally:
+        opened, _OPENED = _OPENED, None
+    package = (ROOT / "iwmf_bench").resolve()
+    data = {Path(p).resolve() for p in opened
+            if Path(p).resolve().is_relative_to(package) and "__pycache__" not in Path(p).parts
+            and Path(p).suffix not in (".py", ".pyc")}
+    declared = {Path(p).resolve() for p in getattr(factory, "data_files", lambda o: [])(options)}
+    assert data <= declared, f"{name} read {sorted(map(str, data - declared))} without declaring them (data_files)"
+    if name in ("diffpure", "iwmfdiff"):
+        assert data == declared == {package / "priors" / "tiny.yaml"}
+
+
+PRIOR_SUITE = """\
+name: priors
+seed: 0
+device: cpu
+data: {{sources: "{src}", targets: "{tgt}", align: true, pairs: 2}}
+models: {{dlib-resnet: {{}}}}
+defenses:
+  none: {{defense: none}}
+  tiny: {{defense: diffpure, config: tiny, pretrained: false, timesteps: 2, sigma_y: 0.05}}
+  other: {{defense: diffpure, config: tiny2, pretrained: false, timesteps: 2, sigma_y: 0.05}}
+threat_models:
+  clean: {{attack: null}}
+evaluation: {{draws: 2}}
+"""
+
+
+def test_editing_a_prior_recomputes_the_cells_that_use_it_and_nothing_else(package_copy, shared_imgs, tmp_path):
+    """A prior's YAML is data the code reads: editing it (in a scratch copy of the package)
+    moves the keys of the cells whose defense uses that prior, and a rerun recomputes those
+    and serves every other cell from the cache."""
+    priors = package_copy / "iwmf_bench" / "priors"
+    shutil.copy(priors / "tiny.yaml", priors / "tiny2.yaml")
+    config = tmp_path / "priors.yaml"
+    config.write_text(PRIOR_SUITE.format(src=shared_imgs / "source", tgt=shared_imgs / "target"))
+    try:
+        first = _run(package_copy, config, tmp_path, suite="priors")
+        assert sorted(r["name"] for r in first.values()) == ["dlib-resnet/none/clean", "dlib-resnet/other/clean",
+                                                               "dlib-resnet/tiny/clean"]
+        original = _edit(priors / "tiny.yaml", "beta_end: 0.02", "beta_end: 0.021")
+        try:
+            second = _run(package_copy, config, tmp_path, suite="priors")
+        finally:
+            (priors / "tiny.yaml").write_text(original)
+    finally:
+        (priors / "tiny2.yaml").unlink()
+    new = {name: r for name, r in second.items() if name not in first}
+    assert [r["name"] for r in new.values()] == ["dlib-resnet/tiny/clean"]
+    assert all(second[name]["started"] == r["started"] for name, r in first.items())
+    old = next(r for r in first.values() if r["name"] == "dlib-resnet/tiny/clean")
+    now = next(iter(new.values()))
+    assert now["code"]["defense_data"] != old["code"]["defense_data"]
+    assert now["code"]["defense"] == old["code"]["defense"] and now["code"]["pipeline"] == old["code"]["pipeline"]

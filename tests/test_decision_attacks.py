@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from iwmf_bench.attacks.base import AttackTask, check_deterministic
-from iwmf_bench.attacks.decision import (DecisionAttack, DecisionOracle, DecisionTask, QueryBudgetExceeded,
-                                         binary_search)
+from iwmf_bench.attacks.decision import DecisionAttack, DecisionTask, binary_search
+from iwmf_bench.attacks.oracle import DecisionOracle, QueryBudgetExceeded
 from iwmf_bench.attacks.evolutionary import Evolutionary
 from iwmf_bench.attacks.hopskipjump import HopSkipJump, estimate_direction
 from iwmf_bench.defenses.gaussian_noise import GaussianNoise
@@ -355,6 +355,70 @@ def test_real_model_end_to_end(shared_imgs, tmp_path):
         assert result.info["start"] == ["given", "given"]
         assert all(non_increasing(tr) for tr in result.info["trajectory"])
         assert (result.info["distance"] < (src - tgt).flatten(1).norm(dim=1).double()).all()
+
+
+def test_repeats_do_not_apply_to_a_deterministic_system():
+    """The harness marks a column with repeated queries n/a where the system answers the
+    same way every time (it would only spend queries); without repeats it always applies."""
+    assert "deterministic" in HopSkipJump(repeats=3).not_applicable(random_defense=False)
+    assert HopSkipJump(repeats=3).not_applicable(random_defense=True) is None
+    assert HopSkipJump().not_applicable(random_defense=False) is None
+
+
+# -- in a suite: the records of a decision-based column ------------------------------------
+
+DECISION_SUITE = """\
+name: decision
+seed: 0
+device: cpu
+data: {{sources: "{src}", targets: "{tgt}", align: true, pairs: 3}}
+models: {{dlib-resnet: {{}}}}
+defenses:
+  none: {{defense: none}}
+  iwmf: {{defense: iwmf, lambda_0: 0.25}}
+threat_models:
+  hsj: {{attack: hopskipjump, setting: adaptive, norm: L2, eps: 2.0, max_queries: 60}}
+  hsj-majority: {{attack: hopskipjump, setting: adaptive, norm: L2, eps: 2.0, max_queries: 60, repeats: 3,
+                  sequential: true}}
+evaluation: {{draws: 2}}
+"""
+
+
+def test_a_decision_column_records_each_pairs_walk_and_its_cost(shared_imgs, tmp_path):
+    """A suite's decision-based cells keep, per pair, the queries, the distance reached
+    before projection and the walk's (queries, distance) curve, and the attack's seconds
+    per query; the majority column is n/a against a deterministic system; the leaderboard
+    notes give each defense's median distance."""
+    from iwmf_bench.leaderboard.notes import decision_notes
+    from iwmf_bench.pipeline.outcome import metrics_of
+    from iwmf_bench.runner import run_cells
+    from iwmf_bench.suite import load_suite
+
+    config = tmp_path / "decision.yaml"
+    config.write_text(DECISION_SUITE.format(src=shared_imgs / "source", tgt=shared_imgs / "target"))
+    records = {r["name"]: r for r in run_cells(load_suite(config).cells(), tmp_path / "results", progress=False)}
+    na = records["dlib-resnet/none/hsj-majority"]
+    assert na["status"] == "n/a" and "deterministic system" in na["reason"]
+    for name in ("dlib-resnet/none/hsj", "dlib-resnet/iwmf/hsj", "dlib-resnet/iwmf/hsj-majority"):
+        assert records[name]["status"] == "ok", records[name].get("reason")
+        m = metrics_of(records[name])
+        facts, queries = m.per_pair.attack, m.per_pair.queries
+        assert set(facts) == {"distance", "start", "decisions", "trajectory"}
+        assert len(facts["distance"]) == len(queries) == 3 and max(queries) <= 60
+        for start, reached, walk, q in zip(facts["start"], facts["distance"], facts["trajectory"], queries):
+            if start == "source":  # the source itself accepted (by the model, or by luck on a draw)
+                assert reached == 0 and walk == [], name
+                continue
+            assert start == "given", name  # else the target's image, accepted as itself
+            assert walk and all(b[1] <= a[1] + 1e-9 and b[0] >= a[0] for a, b in zip(walk, walk[1:])), name
+            assert walk[-1][0] <= q and walk[-1][1] == pytest.approx(reached, abs=1e-5), name
+        assert max(m.per_pair.l2) <= 2.0  # scored within the budget (projected when beyond it)
+        assert m.attack.seconds_per_query == pytest.approx(m.attack.seconds / sum(queries))
+    repeats = metrics_of(records["dlib-resnet/iwmf/hsj-majority"]).per_pair
+    assert all(2 * k <= q <= 3 * k for q, k in zip(repeats.queries, repeats.attack["decisions"]))  # 2-3 per decision
+    notes = decision_notes(list(records.values()))
+    assert len(notes) == 2 and notes[0].startswith("hsj (decision-based") and "iwmf " in notes[0]
+    assert "majority of 3" in notes[1] and "none" not in notes[1]
 
 
 QUERY_SUITE = """\

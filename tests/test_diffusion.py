@@ -10,7 +10,8 @@ import torch
 import iwmf_bench
 from iwmf_bench import registry
 from iwmf_bench.defenses import ddrm
-from iwmf_bench.defenses.diffusion import DiffPure, IWMFDiff, load_prior_config, load_unet
+from iwmf_bench.defenses.diffusion import DiffPure, IWMFDiff
+from iwmf_bench.defenses.diffusion_prior import load_prior_config, load_unet
 from iwmf_bench.defenses.diffusion_unet import DDPMUNet
 from iwmf_bench.errors import BenchError, WeightsError
 from iwmf_bench.weights import resolve

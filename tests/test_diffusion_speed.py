@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iwmf_bench.defenses import adm_unet, ddrm, diffusion, diffusion_unet
-from iwmf_bench.defenses.diffusion import DiffPure, IWMFDiff, build_unet, load_prior_config
+from iwmf_bench.defenses import adm_unet, ddrm, ddrm_purifier, diffusion_runtime, diffusion_unet
+from iwmf_bench.defenses.diffusion import DiffPure, IWMFDiff
+from iwmf_bench.defenses.diffusion_prior import build_unet, load_prior_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny workloads: see conftest
 
@@ -173,14 +174,14 @@ def test_device_defaults():
     assert off.speed_options("cuda") == {"dtype": "float32", "attention": "sdpa", "channels_last": False,
                                          "compile": False, "cuda_graphs": False, "draws_in_one_run": False,
                                          "checkpoint_steps": True}
-    with pytest.raises(diffusion.BenchError, match="cuda_graphs must be true, false or auto"):
+    with pytest.raises(ddrm_purifier.BenchError, match="cuda_graphs must be true, false or auto"):
         IWMFDiff(config="tiny", pretrained=False, cuda_graphs="sometimes")
 
 
 # --- fallbacks: one line, then eager -----------------------------------------------------------
 
 def fallback_lines(caplog):
-    return [r for r in caplog.records if r.name == diffusion.__name__ and r.levelno == logging.WARNING]
+    return [r for r in caplog.records if r.name == ddrm_purifier.__name__ and r.levelno == logging.WARNING]
 
 
 def test_compile_failure_falls_back_to_eager_with_one_line(monkeypatch, caplog):
@@ -189,11 +190,11 @@ def test_compile_failure_falls_back_to_eager_with_one_line(monkeypatch, caplog):
             raise RuntimeError("no C++ compiler found\nsecond line of a long report")
         return run
 
-    monkeypatch.setattr(diffusion.torch, "compile", broken_compile)
+    monkeypatch.setattr(ddrm_purifier.torch, "compile", broken_compile)
     x = images()
     ref = IWMFDiff(config="tiny", pretrained=False, timesteps=3).purify(x, torch.Generator().manual_seed(1))
     d = IWMFDiff(config="tiny", pretrained=False, timesteps=3, compile=True)
-    with caplog.at_level(logging.WARNING, logger=diffusion.__name__):
+    with caplog.at_level(logging.WARNING, logger=ddrm_purifier.__name__):
         assert torch.equal(d.purify(x, torch.Generator().manual_seed(1)), ref)
         assert torch.equal(d.purify(x, torch.Generator().manual_seed(1)), ref)
     lines = fallback_lines(caplog)
@@ -202,9 +203,9 @@ def test_compile_failure_falls_back_to_eager_with_one_line(monkeypatch, caplog):
 
 
 def test_compile_fallback_lets_real_errors_through(monkeypatch):
-    monkeypatch.setattr(diffusion.torch, "compile", lambda module, **kw: module)
+    monkeypatch.setattr(ddrm_purifier.torch, "compile", lambda module, **kw: module)
     calls = []
-    fn = diffusion.CompiledWithFallback(lambda x: x[5], calls.append)
+    fn = diffusion_runtime.CompiledWithFallback(lambda x: x[5], calls.append)
     with pytest.raises(IndexError):  # the eager module fails the same way: not a compile failure
         fn(torch.zeros(2))
     assert calls == [] and not fn.failed
@@ -214,7 +215,7 @@ def test_cuda_graphs_on_cpu_fall_back_with_one_line(caplog):
     x = images()
     ref = IWMFDiff(config="tiny", pretrained=False, timesteps=3).purify(x, torch.Generator().manual_seed(1))
     d = IWMFDiff(config="tiny", pretrained=False, timesteps=3, cuda_graphs=True)
-    with caplog.at_level(logging.WARNING, logger=diffusion.__name__):
+    with caplog.at_level(logging.WARNING, logger=ddrm_purifier.__name__):
         assert torch.equal(d.purify(x, torch.Generator().manual_seed(1)), ref)
         assert torch.equal(d.purify(x, torch.Generator().manual_seed(1)), ref)
         IWMFDiff(config="tiny", pretrained=False, timesteps=3).purify(x)  # auto on CPU: silent
@@ -239,8 +240,8 @@ class EagerGraph:
 
 
 def test_graph_path_plumbing_on_cpu(monkeypatch):
-    monkeypatch.setattr(diffusion, "CudaGraphRun", EagerGraph)
-    monkeypatch.setattr(diffusion.torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(ddrm_purifier, "CudaGraphRun", EagerGraph)
+    monkeypatch.setattr(ddrm_purifier.torch.cuda, "graph_pool_handle", lambda: None)
     EagerGraph.built = []
     x = images(3)
     ref = IWMFDiff(config="tiny", pretrained=False, timesteps=3, batch_size=2).purify(x, torch.Generator().manual_seed(1))
@@ -255,13 +256,13 @@ def test_graph_capture_failure_falls_back_with_one_line(monkeypatch, caplog):
     def failing(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(diffusion, "CudaGraphRun", failing)
-    monkeypatch.setattr(diffusion.torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(ddrm_purifier, "CudaGraphRun", failing)
+    monkeypatch.setattr(ddrm_purifier.torch.cuda, "graph_pool_handle", lambda: None)
     x = images(2)
     ref = IWMFDiff(config="tiny", pretrained=False, timesteps=3).purify(x, torch.Generator().manual_seed(1))
     d = IWMFDiff(config="tiny", pretrained=False, timesteps=3)
     monkeypatch.setattr(d, "_graphs_on", lambda kind, warn=True: not d._graphs_failed)
-    with caplog.at_level(logging.WARNING, logger=diffusion.__name__):
+    with caplog.at_level(logging.WARNING, logger=ddrm_purifier.__name__):
         for _ in range(2):
             assert torch.equal(d.purify(x, torch.Generator().manual_seed(1)), ref)
     lines = fallback_lines(caplog)
@@ -278,7 +279,7 @@ def test_noise_drawn_outside_the_step_loop_gives_the_same_run():
         ref = ddrm.ddrm_denoise(unet, y, 0.3, abar, 4, torch.Generator().manual_seed(3))
         noise = ddrm.draw_noise(3, ddrm.noise_draws(1000, 4), tuple(y.shape[1:]), torch.Generator().manual_seed(3), "cpu")
         assert torch.equal(ddrm.ddrm_denoise(unet, y, 0.3, abar, 4, None, noise=noise), ref)
-    with pytest.raises(diffusion.BenchError, match="noise must have shape"):
+    with pytest.raises(ddrm_purifier.BenchError, match="noise must have shape"):
         ddrm.ddrm_denoise(unet, y, 0.3, abar, 4, None, noise=noise[1:])
 
 

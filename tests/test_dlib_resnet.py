@@ -11,7 +11,8 @@ import torch
 from iwmf_bench.data import load_folder, to_uint8
 from iwmf_bench.errors import BenchError, WeightsError
 from iwmf_bench.metrics import pair_scores, roc_auc
-from iwmf_bench.models.dlib_resnet import DlibResNet, default_weights_path, parse_dlib_resnet
+from iwmf_bench.models.dlib_dat import parse_dlib_resnet
+from iwmf_bench.models.dlib_resnet import DlibResNet, default_weights_path
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "iwmfdiff-imgs"
 FILE_SIZE = 22_466_066

@@ -373,9 +373,10 @@ def attack_pairs(model, shared_imgs, tmp_path_factory):
 
 @pytest.mark.slow
 def test_undefended_apgd_impersonation(model, attack_pairs):
-    from iwmf_bench.attacks.adaptive import evaluate
+    from iwmf_bench.scoring import evaluate
     from iwmf_bench.attacks.apgd import APGD
-    from iwmf_bench.attacks.base import AttackTask, check_budget
+    from iwmf_bench.attacks.base import AttackTask
+    from iwmf_bench.attacks.budget import check_budget
     from iwmf_bench.data import quantize
 
     src, refs = attack_pairs

@@ -45,7 +45,8 @@ def numbers(records):
     def untimed(m):
         out = {k: v for k, v in m.items() if k != "seconds_per_image"}
         if "attack" in out:
-            out["attack"] = {k: v for k, v in out["attack"].items() if k != "seconds_per_image"}
+            out["attack"] = {k: v for k, v in out["attack"].items()
+                             if k not in ("seconds_per_image", "seconds", "seconds_per_query")}
         return out
     return {r["name"]: untimed(r["metrics"]) for r in records if r["status"] == "ok"}
 

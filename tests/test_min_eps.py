@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from iwmf_bench import load_model, registry
-from iwmf_bench.attacks.adaptive import evaluate
+from iwmf_bench.scoring import evaluate
 from iwmf_bench.attacks.apgd import APGD, project
-from iwmf_bench.attacks.base import AttackTask, perturbation_norms
+from iwmf_bench.attacks.base import AttackTask
+from iwmf_bench.attacks.budget import perturbation_norms
 from iwmf_bench.attacks.base import make_generator
-from iwmf_bench.attacks.min_eps import MinEps, budget_curve, median_budget
+from iwmf_bench.attacks.min_eps import MinEps, budget_curve
+from iwmf_bench.metrics import median_interval
 from iwmf_bench.defenses.gaussian_noise import GaussianNoise
 from iwmf_bench.errors import BenchError
 from iwmf_bench.pipeline.folder_pairs import folder_pairs
@@ -154,11 +156,11 @@ def test_deterministic_through_a_random_defense(pairs):
     assert first.flags["randomness_without_eot"] is False and first.flags["global_rng_used"] is False
 
 
-def test_median_budget_and_curve():
-    assert median_budget([0.01, 0.02, 0.03, math.inf])[0] == 0.025
-    assert median_budget([0.01, math.inf, math.inf]) == (math.inf, 0.0, math.inf)  # n = 3: no 95% interval
+def test_median_interval_and_curve():
+    assert median_interval([0.01, 0.02, 0.03, math.inf])[0] == 0.025
+    assert median_interval([0.01, math.inf, math.inf]) == (math.inf, 0.0, math.inf)  # n = 3: no 95% interval
     values = [i / 100 for i in range(1, 21)]
-    median, lo, hi = median_budget(values)
+    median, lo, hi = median_interval(values)
     assert median == pytest.approx(0.105) and (lo, hi) == (0.06, 0.15)  # ranks 6 and 15 of 20
     rates = budget_curve([0.0, 0.01, 0.02, math.inf], [0.0, 0.01, 0.015, 1.0])
     assert [(r.k, r.n) for r in rates] == [(1, 4), (2, 4), (2, 4), (3, 4)]

@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 from iwmf_bench import registry
-from iwmf_bench.defenses.diffusion import load_prior_config
+from iwmf_bench.defenses.diffusion_prior import load_prior_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,8 @@ import torch
 
 from iwmf_bench.defenses import ddrm
 from iwmf_bench.defenses.adm_unet import ADMUNet, Attention, timestep_embedding
-from iwmf_bench.defenses.diffusion import IWMFDiff, build_unet, load_prior_config, load_unet
+from iwmf_bench.defenses.diffusion import IWMFDiff
+from iwmf_bench.defenses.diffusion_prior import build_unet, load_prior_config, load_unet
 from iwmf_bench.errors import WeightsError
 from iwmf_bench.weights import get_checkpoint, resolve, verify
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from iwmf_bench import metrics
-from iwmf_bench.attacks.adaptive import evaluate
+from iwmf_bench.scoring import evaluate
 from iwmf_bench.attacks.base import make_generator
-from iwmf_bench.attacks.known import FRESH_STREAM, KnownDraws, known_view
+from iwmf_bench.scoring import FRESH_STREAM, KnownDraws, known_view
 from iwmf_bench.data import load_folder, quantize
 from iwmf_bench.defenses.iwmf import IWMF, draw_centres
 from iwmf_bench.defenses.median import Median

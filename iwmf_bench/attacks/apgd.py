@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BenchError
-from .base import Attack, AttackResult, AttackTask, fit_l2_ball, is_random, make_generator
+from .base import Attack, AttackResult, AttackTask, is_random, make_generator
+from .budget import fit_l2_ball
 
 
 @dataclass

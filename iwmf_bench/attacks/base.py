@@ -9,7 +9,7 @@ Threat model. ``task.defense`` is the system *as the attacker sees it*: an attac
 queries (black-box) or differentiates (white-box) ``model.embed(defense.purify(x))``.
 The paper's setting, where the adversarial images are crafted on the undefended model
 and purified only at test time ("transfer"), is a task with ``defense=None`` followed
-by :func:`iwmf_bench.attacks.adaptive.evaluate` with the defense.
+by :func:`iwmf_bench.scoring.evaluate` with the defense.
 
 Objective. Attacks maximize the goal-signed verification margin
 (:func:`iwmf_bench.metrics.margin`): ``margin`` for impersonation (source ``i`` must be
@@ -29,7 +29,8 @@ and within the budget (Linf: ``max|adv - src| <= eps + 1e-6``; L2: per-image
 ``||adv - src||_2 <= eps + 1e-6``), otherwise :class:`AttackBudgetError` is raised (a
 bug, never clipped away). Then the output is rounded to the 8-bit grid *inside* the budget
 around the sources, on the grid or not (an aligned probe is not: what a real attacker
-submits is a PNG within its budget; :func:`quantize_within_budget`) and checked again. Sanity flags in the spirit of
+submits is a PNG within its budget; :func:`~iwmf_bench.attacks.budget.quantize_within_budget`)
+and checked again (the budget's arithmetic: :mod:`iwmf_bench.attacks.budget`). Sanity flags in the spirit of
 AutoAttack's: ``zero_gradients`` (a white-box attack saw an identically zero gradient),
 ``randomness_without_eot`` (the defense in the loop is random, but the attack averages
 over no more than one draw per step), ``global_rng_used``. Determinism for a seed is a
@@ -37,10 +38,6 @@ property of every attack here; :func:`check_deterministic` verifies it (tests ru
 each attack). :func:`blackbox_beats_whitebox` flags a score-based black-box attack doing
 better than the white-box one on the same setting (the white-box attack is then broken
 or the gradient obfuscated).
-
-Over the 400-line cap: the budget's arithmetic (norms, the check, rounding inside the
-ball) still lives here; moving it to its own module changes the pipeline's fingerprint and
-so every cell key, so the split lands with the next full recompute of the committed suites.
 """
 
 from __future__ import annotations
@@ -55,18 +52,14 @@ import torch
 from tqdm import tqdm
 
 from .. import metrics
-from ..data import quantize
 from ..defenses.base import Defense, check_images
 from ..errors import BenchError
+from .budget import TOLERANCE as TOLERANCE  # the stages' tolerance of a budget (they import this module only)
+from .budget import check_budget, perturbation_norms, quantize_within_budget
 
 NORMS = ("Linf", "L2")
 GOALS = ("impersonation", "dodging")
 DEFAULT_EPS = {"Linf": 0.03, "L2": 0.5}
-TOLERANCE = 1e-6
-
-
-class AttackBudgetError(RuntimeError):
-    """An attack returned images outside its perturbation budget or outside [0,1] (a bug)."""
 
 
 class NonDeterministicAttack(RuntimeError):
@@ -134,9 +127,12 @@ class AttackResult:
     """Adversarial images (same shape as the sources) and how the attack went.
 
     ``success``: per sample, as judged during the attack (on the attack's own draws of
-    the defense's randomness; final numbers come from ``adaptive.evaluate``).
+    the defense's randomness; final numbers come from ``scoring.evaluate``).
     ``queries``: per sample, forward passes of the attacked system (purify + model) used.
     ``flags``: sanity flags (True = suspicious), see the module docstring.
+    ``info``: the attack's account; its JSON scalars become the cell's notes, and
+    ``info["per_pair"]`` (names to lists of one plain JSON value per sample, e.g. the
+    distance a decision-based attack reached) is kept in the cell's per-pair record.
     """
 
     adversarial: torch.Tensor
@@ -151,96 +147,6 @@ class AttackResult:
 
     def raised_flags(self) -> list[str]:
         return [name for name, value in self.flags.items() if value]
-
-
-def perturbation_norms(adv: torch.Tensor, src: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-image size of ``adv - src`` in the given norm."""
-    delta = (adv - src).flatten(1)
-    return delta.abs().amax(dim=1) if norm == "Linf" else delta.norm(dim=1)
-
-
-def check_budget(adv: torch.Tensor, src: torch.Tensor, norm: str, eps: float, what: str = "attack") -> None:
-    """Raise :class:`AttackBudgetError` unless ``adv`` is in [0,1] and within ``eps`` of ``src``."""
-    if not isinstance(adv, torch.Tensor) or adv.shape != src.shape:
-        shape = tuple(adv.shape) if isinstance(adv, torch.Tensor) else type(adv).__name__
-        raise AttackBudgetError(f"{what}: adversarial images have shape {shape}, sources {tuple(src.shape)}")
-    if not torch.isfinite(adv).all():
-        raise AttackBudgetError(f"{what}: adversarial images contain NaN or infinite values")
-    lo, hi = float(adv.min()), float(adv.max())
-    if lo < -TOLERANCE or hi > 1 + TOLERANCE:
-        raise AttackBudgetError(f"{what}: adversarial images leave [0,1] (range [{lo:.6g}, {hi:.6g}])")
-    sizes = perturbation_norms(adv.double(), src.double(), norm)
-    worst = int(sizes.argmax()) if sizes.numel() else 0
-    if sizes.numel() and float(sizes[worst]) > eps + TOLERANCE:
-        raise AttackBudgetError(f"{what}: image {worst} has {norm} perturbation {float(sizes[worst]):.6g} "
-                                f"> eps {eps:.6g} (+{TOLERANCE:g})")
-
-
-def fit_l2_ball(adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
-    """Undo float rounding that leaves ``adv`` a hair outside the L2 ball: images whose
-    actual ``||adv - x||`` (in float64) exceeds ``eps`` (one for all, or a float64 tensor of
-    one per image) are pulled back along ``adv - x``."""
-    delta = adv - x
-    norms = delta.double().flatten(1).norm(dim=1)
-    over = norms > eps
-    if not over.any():
-        return adv
-    scale = torch.where(over, eps / norms * (1 - 1e-6), torch.ones_like(norms)).to(adv.dtype)
-    return (x + delta * scale.view(-1, 1, 1, 1)).clamp(0, 1)
-
-
-def on_8bit_grid(x: torch.Tensor) -> bool:
-    return bool(torch.equal(quantize(x), x.detach()))
-
-
-def quantize_within_budget(adv: torch.Tensor, src: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
-    """Round ``adv`` to the 8-bit grid (what a saved PNG holds) without leaving the budget
-    around ``src``, which need not lie on the grid (an aligned probe is a warped photo).
-
-    Linf: nearest grid value, clamped to the grid points inside ``[src - eps, src + eps]``
-    (there is one when ``eps`` is at least half a level). L2: nearest grid value per image,
-    unless that leaves the ball; then each pixel goes to whichever neighbouring grid value
-    is nearer the source (on a grid source: ``|q - src| <= |adv - src|`` pixelwise); an
-    image still outside (an off-grid source) is rounded from the largest fraction of its
-    perturbation that fits (bisection). Raises :class:`AttackBudgetError` when no 8-bit
-    image lies within the budget.
-    """
-    adv, src = adv.detach(), src.detach()
-    q = quantize(adv)
-    if norm == "Linf":
-        lo = torch.ceil(((src - eps) * 255).clamp(0, 255) - 1e-6) / 255
-        hi = torch.floor(((src + eps) * 255).clamp(0, 255) + 1e-6) / 255
-        if bool((lo > hi).any()):
-            raise AttackBudgetError(f"Linf eps {eps:g} holds no 8-bit value around some source pixel "
-                                    "(a budget under half a level of 1/255 cannot be submitted as an image)")
-        return torch.minimum(torch.maximum(q, lo), hi)
-    over = perturbation_norms(q.double(), src.double(), "L2") > eps
-    if over.any():
-        down, up = torch.floor(adv * 255) / 255, torch.ceil(adv * 255) / 255
-        toward = torch.where((down - src).abs() <= (up - src).abs(), down, up).clamp(0, 1)
-        q = torch.where(over.view(-1, 1, 1, 1), toward, q)
-    for i in torch.nonzero(perturbation_norms(q.double(), src.double(), "L2") > eps).flatten().tolist():
-        q[i] = _shrunk_into_l2_ball(adv[i], src[i], eps)
-    return q
-
-
-def _shrunk_into_l2_ball(adv: torch.Tensor, src: torch.Tensor, eps: float, rounds: int = 30) -> torch.Tensor:
-    """The 8-bit rounding of ``src + s * (adv - src)`` for the largest ``s`` in [0, 1] found by
-    bisection whose rounding lies within L2 ``eps`` of ``src`` (one image)."""
-    inside = lambda z: float((z.double() - src.double()).norm()) <= eps  # noqa: E731
-    best = quantize(src)
-    if not inside(best):
-        raise AttackBudgetError(f"L2 eps {eps:g} is smaller than the rounding of the source itself to 8 bits "
-                                f"({float((best.double() - src.double()).norm()):.4g}): no 8-bit image lies within it")
-    lo, hi = 0.0, 1.0
-    for _ in range(rounds):
-        mid = (lo + hi) / 2
-        z = quantize(src + mid * (adv - src))
-        if inside(z):
-            lo, best = mid, z
-        else:
-            hi = mid
-    return best
 
 
 def is_random(defense: Defense | None, x: torch.Tensor, seed: int) -> bool:
@@ -336,6 +242,13 @@ class Attack:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "attack")
         return f"{type(self).__name__}({args})"
+
+    def not_applicable(self, random_defense: bool) -> str | None:
+        """Why this attack, as configured, means nothing against a system whose defense is
+        random (``random_defense``) or deterministic, or None when it applies. The harness
+        asks before crafting and marks the cell ``n/a`` with the reason (e.g. repeated
+        queries against a deterministic system)."""
+        return None
 
     def threshold_dependence(self) -> str | None:
         """Why the images this attack crafts depend on the acceptance threshold, or None when

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BenchError
-from .decision import DecisionAttack, DecisionSearch, binary_search, distances
+from .decision import DecisionAttack, DecisionSearch, binary_search
+from .oracle import distances
 
 
 class Evolutionary(DecisionAttack):

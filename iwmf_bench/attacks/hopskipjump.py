@@ -37,7 +37,8 @@ import math
 import torch
 
 from ..errors import BenchError
-from .decision import DecisionAttack, DecisionSearch, binary_search, distances
+from .decision import DecisionAttack, DecisionSearch, binary_search
+from .oracle import distances
 
 
 def theta_of(d: int, norm: str, gamma: float = 1.0) -> float:

@@ -29,7 +29,7 @@ Success is judged on what an attacker submits and the harness scores: the image 
 to the 8-bit grid (:func:`iwmf_bench.data.quantize`), its goal-signed margin averaged over
 ``eot_iter`` draws of the defense's randomness (one draw when there is none or it is
 deterministic). On 8-bit sources the image is first rounded inside its own budget
-(:func:`.base.quantize_within_budget`, as :meth:`.base.Attack.run` rounds every output),
+(:func:`.budget.quantize_within_budget`, as :meth:`.base.Attack.run` rounds every output),
 so budget and success refer to the same image; on off-grid sources (aligned crops) the
 budget is measured on the float image, as for every attack, and budgets well below
 ``0.5/255`` (Linf) drown in the rounding. A success at budget ``e`` is recorded at the
@@ -56,7 +56,7 @@ The search assumes success is monotone in eps, which a stochastic attack only
 approximately is; a success below a recorded failure simply moves ``hi`` down (the
 smallest success wins) and ``lo`` becomes the largest failure below it.
 :func:`budget_curve` turns the minimal budgets into the success rate at any budget (the
-security curve) and :func:`median_budget` gives their median with a distribution-free
+security curve) and :func:`iwmf_bench.metrics.median_interval` gives their median with a distribution-free
 interval. Every random number comes from generators of ``task.seed`` (deterministic).
 """
 
@@ -70,8 +70,8 @@ from .. import metrics
 from ..data import quantize
 from ..errors import BenchError
 from .apgd import APGD
-from .base import (TOLERANCE, Attack, AttackResult, AttackTask, is_random, make_generator, on_8bit_grid, perturbation_norms,
-                   quantize_within_budget)
+from .base import Attack, AttackResult, AttackTask, is_random, make_generator
+from .budget import TOLERANCE, on_8bit_grid, perturbation_norms, quantize_within_budget
 
 
 class MinEps(Attack):
@@ -201,22 +201,3 @@ def budget_curve(min_eps, budgets) -> list[metrics.Rate]:
     fraction of samples with ``min_eps <= e`` (the empirical security curve)."""
     values = [float(v) for v in min_eps]
     return [metrics.Rate(sum(v <= float(e) for v in values), len(values)) for e in budgets]
-
-
-def median_budget(min_eps, level: float = 0.95) -> tuple[float, float, float]:
-    """Median of the per-sample minimal budgets (``inf`` for unbroken samples counts as the
-    largest) and a distribution-free ``level`` interval for it from order statistics
-    (binomial(n, 1/2) ranks); bounds are 0 / ``inf`` where ``n`` is too small to reach the level."""
-    values = sorted(float(v) for v in min_eps)
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan, math.nan
-    median = values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
-    # Largest k with P(Bin(n, 1/2) < k) <= (1 - level) / 2: [x_(k), x_(n+1-k)] (1-based) covers the median.
-    alpha, cdf, k = (1 - level) / 2, 0.0, 0
-    while k < n and cdf + math.comb(n, k) / 2 ** n <= alpha:
-        cdf += math.comb(n, k) / 2 ** n
-        k += 1
-    if k == 0:
-        return median, 0.0, math.inf
-    return median, values[k - 1], values[n - k]

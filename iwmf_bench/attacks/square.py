@@ -39,7 +39,8 @@ import math
 import torch
 
 from ..errors import BenchError
-from .base import Attack, AttackResult, AttackTask, fit_l2_ball, is_random, make_generator
+from .base import Attack, AttackResult, AttackTask, is_random, make_generator
+from .budget import fit_l2_ball
 
 # Linf 0.8: AutoAttack's value and the paper's code's (its SquareAttack class default); on
 # the shared faces it is what makes transferred faces survive IWMF (docs/methods/square-settings.md, "Square: which

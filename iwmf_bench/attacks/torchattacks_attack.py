@@ -32,7 +32,8 @@ import torch
 
 from ..errors import BenchError
 from .apgd import APGD, project
-from .base import TOLERANCE, Attack, AttackResult, AttackTask, derive_seed, make_generator, perturbation_norms
+from .base import Attack, AttackResult, AttackTask, derive_seed, make_generator
+from .budget import TOLERANCE, perturbation_norms
 from .classifier import VerificationClassifier
 from .classifier_run import RNG_NOTE, QueryCounter, import_library, seeded_global_rng
 

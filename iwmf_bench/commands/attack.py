@@ -4,7 +4,7 @@ Source ``i`` impersonates target ``i`` (files matched by their id ``NNNNN``). Th
 adversarial images are written as 8-bit PNGs under the sources' names, then read back
 and scored: the FAR before (clean sources) and after (the saved images), through the
 defense when one is given (single-shot and worst-of-N on fresh randomness, see
-:func:`iwmf_bench.attacks.adaptive.evaluate`). Without ``--adaptive`` the attack is
+:func:`iwmf_bench.scoring.evaluate`). Without ``--adaptive`` the attack is
 crafted on the undefended model and the defense is applied only at evaluation (the
 paper's transfer setting); with ``--adaptive`` the defense is in the attack's loop.
 """
@@ -17,7 +17,7 @@ import time
 import torch
 
 from .. import registry
-from ..attacks.adaptive import evaluate
+from ..scoring import evaluate
 from ..attacks.base import AttackTask
 from ..data import check_output_folder, load_folder, read_image, save_images
 from ..errors import BenchError

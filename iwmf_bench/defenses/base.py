@@ -64,6 +64,15 @@ class Defense(torch.nn.Module):
 
     stochastic: ClassVar[bool] = False
     grad_modes: ClassVar[tuple[str, ...]] = ("none", "bpda", "exact")
+
+    @classmethod
+    def data_files(cls, options: dict) -> list:
+        """Files other than code that a defense built with these ``options`` reads and whose
+        content decides its output (a diffusion prior's YAML): declared here, next to the
+        code that reads them, and hashed into the key of every cell that uses them, so an
+        edit recomputes those cells and no other. Weights fetched by sha256 need not be
+        listed. Default: none."""
+        return []
     channels: int | None = None  # channels the defense needs (None: any)
     #: One :meth:`purify` call on the stacked draws equals the loop of calls (each image
     #: consumes the generator in turn, as much whatever the batch), see :meth:`purify_draws`.

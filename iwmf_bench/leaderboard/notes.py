@@ -1,10 +1,13 @@
 """The notes under a leaderboard table, and its sanity rules: what the intervals can
 claim about identities, rows listed apart, a model's transfer-only scope, minimal
-budgets, dataset thresholds, and the
+budgets, the decision-based attacks' queries and distances, dataset thresholds, and the
 AutoAttack-style warnings (a black-box attack beating the white-box one, an attack weaker
 than its reference implementation, adaptive below transfer)."""
 
 from __future__ import annotations
+
+import math
+import statistics
 
 from ..attacks.base import blackbox_beats_whitebox
 from ..equal_utility import APART_MARK
@@ -53,6 +56,35 @@ def threat_scope(suite: Suite, model: str, threats: list[str]) -> str | None:
     if settings and "adaptive" not in settings:
         return "transfer threat models only: no attack saw the defenses, so these rates are upper bounds on robustness"
     return None
+
+
+def decision_notes(records: list[dict]) -> list[str]:
+    """Decision-based threat models (cells whose per-pair record holds the distance each
+    walk reached): per threat model, each defense's median distance reached before the
+    projection onto the budget (``inf``: no accepted start), its pairs within the budget,
+    and the attack's cost per query; one line per threat model."""
+    by_threat: dict[str, list] = {}
+    for r in records:
+        if r["status"] != "ok" or "distance" not in ((m := metrics_of(r)).per_pair.attack or {}):
+            continue
+        by_threat.setdefault(r["cell"]["threat"], []).append((r["cell"]["defense"], r["cell"]["threat_options"], m))
+    notes = []
+    for threat, rows in by_threat.items():
+        t = rows[0][1]
+        norm, eps, repeats = t.get("norm", "L2"), float(t["eps"]), int(t.get("repeats", 1))
+        parts = []
+        for defense, _, m in rows:
+            reached = sorted(math.inf if v is None else float(v) for v in m.per_pair.attack["distance"])
+            median = statistics.median(reached) if reached else math.nan
+            within = sum(v <= eps for v in reached)
+            cost = m.attack.seconds_per_query if m.attack is not None else None
+            parts.append(f"{defense} {median:.3g} ({within}/{len(reached)} within"
+                         + (f", {1000 * cost:.1f} ms/query)" if cost else ")"))
+        how = f", each decision the majority of {repeats} submissions" if repeats > 1 else ""
+        notes.append(f"{threat} (decision-based: accept/reject only, {t.get('max_queries')} queries per pair{how}): "
+                     f"median {norm} distance to the source reached before projection onto eps {eps:g}, per "
+                     "defense: " + "; ".join(parts))
+    return notes
 
 
 def minimal_budget_notes(records: list[dict]) -> list[str]:

@@ -15,8 +15,8 @@ from ..suite import Suite
 from .cells import cell_display, success
 from .check import staleness
 from .deployments import deployment_notes, deployment_section, known_section
-from .notes import (adaptive_below_transfer, apart_notes, dataset_notes, identity_note, minimal_budget_notes,
-                    sanity_notes, threat_scope)
+from .notes import (adaptive_below_transfer, apart_notes, dataset_notes, decision_notes, identity_note,
+                    minimal_budget_notes, sanity_notes, threat_scope)
 
 
 def paired_rankings(records: list[dict], columns: list[str], worst: dict[str, dict]) -> dict[str, dict]:
@@ -97,6 +97,7 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
                          f"one, e.g. {'/'.join(next(iter(stale)))}: {next(iter(stale.values()))}; the JSON names what "
                          "changed per cell; recompute with `iwmf-bench leaderboard render`")
         notes += minimal_budget_notes([by[k] for k in by if k[0] == m])
+        notes += decision_notes([by[k] for k in by if k[0] == m])
         notes += sanity_notes([by[k] for k in by if k[0] == m])
         notes += deployment_notes([by[k] for k in by if k[0] == m])
         notes += dataset_notes([by[k] for k in by if k[0] == m])  # threshold source, clean ROC (datasets)

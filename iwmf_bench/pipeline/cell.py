@@ -16,9 +16,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from .. import code_identity, registry
-from ..attacks.known import check_randomness
+from ..scoring import check_randomness
+from ..util import factory_options
 
 SETTINGS = ("transfer", "adaptive")
 REQUIRES = ("cuda",)  # ``requires: cuda``: skip the entry's cells on a machine without a GPU
@@ -43,6 +45,21 @@ def component_fingerprint(kind: str, name: str) -> str:
         except PackageNotFoundError:
             raise ValueError(f"{kind[:-1]} {name!r} ({entry.source}): no Python source to fingerprint and no "
                              f"installed distribution version; install it as a package") from None
+
+
+def data_fingerprint(defense_options: dict) -> str:
+    """The data files a defense with these options declares (``data_files``: e.g. a
+    diffusion prior's YAML), as ``name:sha256`` pairs ("" for none)."""
+    name = defense_options.get("defense")
+    if not name:
+        return ""
+    declared = getattr(registry.get("defenses", name).factory, "data_files", None)
+    parts = []
+    for path in (declared(factory_options(defense_options)) if declared else []):
+        path = Path(path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20] if path.is_file() else "missing"
+        parts.append(f"{path.name}:{digest}")
+    return ",".join(parts)
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,11 @@ class Cell:
                 ("dataset", "datasets", self.data.get("dataset"))):
             if name:
                 out[role] = component_fingerprint(kind, name)
+        for role, options in (("defense_data", self.defense_options),
+                              ("surrogate_defense_data", t.get("surrogate_defense_options") or {})):
+            files = data_fingerprint(options)
+            if files:
+                out[role] = files
         return out
 
     @property
@@ -132,7 +154,7 @@ class Cell:
     @property
     def randomness(self) -> str:
         """``"unknown"`` (the default: the attacker draws its own randomness) or ``"known"``
-        (it knows the draws the scorer uses: :mod:`iwmf_bench.attacks.known`)."""
+        (it knows the draws the scorer uses: :mod:`iwmf_bench.scoring`)."""
         return check_randomness(self.threat_options.get("randomness", "unknown"))
 
     @property

@@ -20,6 +20,7 @@ crafting for the record, and the defense as the cell's model sees them through i
 
 from __future__ import annotations
 
+import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -28,9 +29,10 @@ from typing import Any
 
 import torch
 
-from ..attacks.base import AttackTask
-from ..attacks.known import known_view
+from ..attacks.base import AttackTask, is_random
 from ..defenses.base import Defense
+from ..errors import BenchError, NotApplicableError
+from ..scoring import known_view
 from ..util import batched, save_tensors_atomic
 from .build import build_attack
 from .cell import Cell
@@ -76,19 +78,42 @@ def run_attack(cell: Cell, model, probes: torch.Tensor, references: torch.Tensor
     images depend on the threshold says why in the notes (``threshold_dependent``)."""
     start = time.perf_counter()
     attack = build_attack(cell)
+    reason = attack.not_applicable(is_random(defense, probes, cell.seed))
+    if reason:
+        raise NotApplicableError(f"not applicable: {reason}")
     result = attack.run(AttackTask(model, probes, references, defense, cell.seed, reference_images=reference_images))
     # Whether re-scoring the images at another threshold is what the attack would have done
     # there (:meth:`~iwmf_bench.attacks.base.Attack.threshold_dependence`): read by the operating points.
     dependence = attack.threshold_dependence()
     notes = {**notes_of(result.info), **({"threshold_dependent": dependence} if dependence else {})}
-    facts = AttackFacts(seconds_per_image=(time.perf_counter() - start) / probes.shape[0],
+    seconds, queries = time.perf_counter() - start, int(result.queries.sum())
+    facts = AttackFacts(seconds_per_image=seconds / probes.shape[0],
                         queries_per_image=float(result.queries.float().mean()), success=result.success_rate,
                         flags={k: bool(v) for k, v in result.flags.items()}, notes=notes,
-                        defense_report=defense.report(cell.device) if defense is not None else {})
+                        defense_report=defense.report(cell.device) if defense is not None else {},
+                        seconds=seconds, seconds_per_query=seconds / queries if queries else None)
     info = {"attack": facts.to_dict(), "queries": [int(q) for q in result.queries.tolist()]}
+    if "per_pair" in result.info:
+        info["per_pair"] = per_pair_facts(result.info["per_pair"], probes.shape[0], cell.name)
     if "min_eps" in result.info:
         info["min_eps"] = {k: result.info[k] for k in ("min_eps", "failed_eps", "converged")}
     return result.adversarial, info
+
+
+def per_pair_facts(facts, n: int, what: str) -> dict[str, list]:
+    """An attack's ``info["per_pair"]`` checked for the record: names to lists of ``n``
+    JSON values (one per pair, in the pairs' order)."""
+    if not isinstance(facts, dict) or not all(isinstance(k, str) for k in facts):
+        raise BenchError(f"{what}: the attack's info['per_pair'] must map names to per-pair lists")
+    for name, values in facts.items():
+        if not isinstance(values, list) or len(values) != n:
+            raise BenchError(f"{what}: the attack's per-pair {name!r} must be a list of {n} values (one per pair)")
+        try:
+            json.dumps(values, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise BenchError(f"{what}: the attack's per-pair {name!r} is not plain JSON ({e}); "
+                             "write None for an infinite or missing value") from e
+    return {k: list(v) for k, v in facts.items()}
 
 
 def cached(path: Path | None, make) -> tuple[torch.Tensor, dict]:
@@ -144,7 +169,7 @@ class Transfer(Crafter):
 
 class Adaptive(Crafter):
     """The attack with the cell's defense in its loop; with ``randomness: known``, the
-    defense as it will be scored: its scorer's draws replayed (:mod:`~iwmf_bench.attacks.known`)."""
+    defense as it will be scored: its scorer's draws replayed (:mod:`~iwmf_bench.scoring`)."""
 
     def craft(self, task: CraftTask) -> Crafted:
         cell = task.cell

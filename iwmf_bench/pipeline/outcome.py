@@ -93,6 +93,10 @@ class PerPair:
     # Per pair, the verification score of each scored draw against the reference (the
     # model's metric, float32 values): ``successes`` at any other threshold.
     scores: list[list[float]] | None = None
+    # The attack's own per-pair facts (``AttackResult.info["per_pair"]``: e.g. a
+    # decision-based attack's distance reached before projection and its trajectory of
+    # (queries, distance)), one JSON value per pair under each name.
+    attack: dict[str, list] | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "PerPair":
@@ -140,6 +144,8 @@ class AttackFacts:
     flags: dict[str, bool]  # AutoAttack-style warnings: zero gradients, randomness without EOT...
     notes: dict[str, Any] = field(default_factory=dict)
     defense_report: dict[str, Any] = field(default_factory=dict)  # the defense right after the attack
+    seconds: float | None = None  # the whole attack, all pairs (wall clock)
+    seconds_per_query: float | None = None  # ``seconds`` over all queries (None: no queries counted)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "success": self.success.to_dict()}

@@ -21,12 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import metrics, roc
-from ..attacks.adaptive import evaluate
 from ..attacks.base import TOLERANCE, is_random, make_generator
-from ..attacks.known import FRESH_STREAM
-from ..attacks.min_eps import median_budget
 from ..data import quantize
 from ..errors import BenchError
+from ..scoring import FRESH_STREAM, evaluate
 from ..util import batched
 from .cell import Cell
 from .craft import Crafted, attack_pairs
@@ -182,12 +180,12 @@ def per_pair_record(pairs: Pairs, goal: str, crafted: Crafted, ev, min_eps: dict
                    queries=crafted.info.get("queries"), min_eps=min_eps["values"] if min_eps else None,
                    probe_identity=[str(x) for x in labels], reference_identity=[str(x) for x in refs],
                    probe=list(pairs.source_names) if len(pairs.source_names) == len(labels) else None,
-                   scores=metrics.score_values(ev.scores))
+                   scores=metrics.score_values(ev.scores), attack=crafted.info.get("per_pair"))
 
 
 def check_within_budget(cell: Cell, per_pair: PerPair) -> None:
     """Every scored image lies within the threat model's budget around its aligned probe
-    (attacks round inside the ball: :func:`~iwmf_bench.attacks.base.quantize_within_budget`);
+    (attacks round inside the ball: :func:`~iwmf_bench.attacks.budget.quantize_within_budget`);
     a scored image outside it is a bug, never a number to report."""
     t = cell.threat_options
     sizes = {"Linf": per_pair.linf, "L2": per_pair.l2}.get(t.get("norm", "Linf"))
@@ -204,7 +202,7 @@ def minimal_budgets(values: list[float]) -> dict:
     ``eps``; JSON has no infinity), their median with a distribution-free 95% interval
     (``None`` where it is unbounded), and the broken rate."""
     values = [float("inf") if v is None else float(v) for v in values]
-    median, lo, hi = median_budget(values)
+    median, lo, hi = metrics.median_interval(values)
     clean = lambda v: v if math.isfinite(v) else None  # noqa: E731
     broken = metrics.Rate(sum(math.isfinite(v) for v in values), len(values))
     return {"values": [clean(v) for v in values], "median": clean(median), "ci95": [clean(lo), clean(hi)],
