@@ -6,19 +6,75 @@ rejects attackers too. A deployer who adds it re-tunes the threshold until genui
 get in as before; this section reads every cell again at that threshold, from its stored
 scores: the threshold, its genuine FRR and clean impostor FAR, the worst case of each
 budget (with the same comparability rule as the main table) and the FAR of every threat
-model, a cell whose attack crafts differently at another threshold marked as a bound.
+model. A cell whose attack crafts differently at another threshold (its record's note
+``threshold_dependent``) is either crafted again at the operating point's threshold, as an
+attacker who knows the deployed threshold would (``operating_point: {recraft: true}`` in
+the suite: :func:`recraft_cells`, a cell of its own labelled ``THREAT@equal-utility`` whose
+model threshold is the defense's), or, without that option, re-scored and marked as a
+bound.
 """
 
 from __future__ import annotations
 
 from .metrics import Rate
-from .operating_points import NoScores, OperatingPoint, equal_utility, rescored, target_frr
+from .operating_points import NoScores, OperatingPoint, as_float32, equal_utility, rescored, target_frr
 from .paired import ranking
+from .pipeline.cell import Cell
 from .pipeline.outcome import CellMetrics, metrics_of
 from .ranking import budget_order, comparability, pct, ranked, worst_case
 
 BOUND_MARK = " †"
 APART_MARK = " ‡"
+RECRAFT_MARK = " §"
+RECRAFT_SUFFIX = "@equal-utility"  # threat label of a cell crafted again at a defense's operating point
+
+
+def is_recrafted(record: dict) -> bool:
+    """Whether a record is a threshold-dependent attack crafted again at its defense's
+    equal-utility threshold (:func:`recraft_cells`): not a column of the tables, it stands
+    in for its original cell at that operating point."""
+    return record["cell"]["threat"].endswith(RECRAFT_SUFFIX)
+
+
+def split_recrafted(records: list[dict]) -> tuple[list[dict], dict[tuple[str, str, str], dict]]:
+    """The suite's own cells, and the re-crafted ones by (model, defense, original threat label)."""
+    again = {(r["cell"]["model"], r["cell"]["defense"], r["cell"]["threat"][:-len(RECRAFT_SUFFIX)]): r
+             for r in records if is_recrafted(r)}
+    return [r for r in records if not is_recrafted(r)], again
+
+
+def threshold_dependent(record: dict) -> str | None:
+    """Why a finished cell's attack would craft other images at another threshold (None: it would not)."""
+    m = metrics_of(record)
+    return (m.attack.notes if m.attack else {}).get("threshold_dependent")
+
+
+def recraft_cells(suite, records: list[dict]) -> list[Cell]:
+    """The cells to craft again at equal utility: of each finished cell whose attack depends
+    on the threshold, where its defense's equal-utility threshold is not the cell's, the same
+    cell with that threshold fixed in its model options (so the attacker crafts for the
+    deployed threshold and everything is scored there) and the label ``THREAT@equal-utility``.
+    None unless the suite sets ``operating_point: {recraft: true}``; none for a model whose
+    operating points cannot be set (its table says why)."""
+    if not (suite.operating_point or {}).get("recraft"):
+        return []
+    primary, _ = split_recrafted(records)
+    out = []
+    for model in dict.fromkeys(r["cell"]["model"] for r in primary):
+        mine = [r for r in primary if r["cell"]["model"] == model]
+        try:
+            points = operating_points(suite, mine)[0]
+        except (ValueError, NoScores):
+            continue
+        for r in mine:
+            point = points.get(r["cell"]["defense"])
+            if r["status"] != "ok" or point is None or not threshold_dependent(r) \
+                    or as_float32(point.threshold) == as_float32(metrics_of(r).threshold):
+                continue
+            cell = Cell(**r["cell"], root=suite.root)
+            out.append(cell.derived(threat=cell.threat + RECRAFT_SUFFIX,
+                                    model_options={**cell.model_options, "threshold": point.threshold}))
+    return out
 
 
 def undefended_rows(suite) -> list[str]:
@@ -44,6 +100,7 @@ def defense_cells(records: list[dict]) -> tuple[CellMetrics, CellMetrics | None]
 def operating_points(suite, records: list[dict]) -> tuple[dict[str, OperatingPoint], float, str]:
     """Per defense of one model's records, its equal-utility operating point; the target FRR
     and how it was set. Raises ValueError (or :class:`NoScores`) when it cannot be set."""
+    records = split_recrafted(records)[0]
     target, how = target_frr(undefended_of(suite, records), (suite.operating_point or {}).get("target_frr"))
     out = {}
     for d in suite.defenses:
@@ -53,23 +110,33 @@ def operating_points(suite, records: list[dict]) -> tuple[dict[str, OperatingPoi
     return out, target, how
 
 
-def rescored_cells(by_def: dict[str, list[dict]], points: dict[str, OperatingPoint]) -> tuple[dict, dict]:
-    """Every attacked cell of each defense re-scored at the defense's operating point
-    (``(defense, threat)`` -> :class:`~iwmf_bench.operating_points.Rescored`) and each
-    defense's worst case there (:func:`~iwmf_bench.ranking.worst_case`)."""
+def rescored_cells(by_def: dict[str, list[dict]], points: dict[str, OperatingPoint],
+                   again: dict[tuple[str, str, str], dict] | None = None) -> tuple[dict, dict]:
+    """Every attacked cell of each defense (its own cells: ``by_def`` holds no re-crafted
+    one) at the defense's operating point (``(defense, threat)`` ->
+    :class:`~iwmf_bench.operating_points.Rescored`): the cell crafted again at that threshold
+    where ``again`` (:func:`split_recrafted`) holds a finished one crafted at that very
+    threshold, else the cell re-scored from its scores (a bound if it depends on the threshold); and each defense's worst case there (:func:`~iwmf_bench.ranking.worst_case`)."""
     at = {}
     for d, rs in by_def.items():
         for r in rs:
             if r["status"] == "ok" and r["cell"]["threat_options"].get("attack"):
-                at[(d, r["cell"]["threat"])] = rescored(metrics_of(r), points[d].threshold)
+                c = r["cell"]
+                redone = (again or {}).get((c["model"], d, c["threat"]))
+                crafted_here = redone is not None and redone["status"] == "ok" and \
+                    as_float32(metrics_of(redone).threshold) == as_float32(points[d].threshold)
+                source = redone if crafted_here else r
+                at[(d, c["threat"])] = rescored(metrics_of(source), points[d].threshold)
     worst = {d: worst_case(rs, lambda r, d=d: at[(d, r["cell"]["threat"])].per_pair) for d, rs in by_def.items()}
     return at, worst
 
 
 def worst_at_equal_utility(suite, records: list[dict]) -> tuple[dict[str, OperatingPoint], dict[str, dict]]:
     """One model's operating points and each defense's worst case there (for figures)."""
-    points = operating_points(suite, records)[0]
-    return points, rescored_cells({d: [r for r in records if r["cell"]["defense"] == d] for d in points}, points)[1]
+    primary, again = split_recrafted(records)
+    points = operating_points(suite, primary)[0]
+    return points, rescored_cells({d: [r for r in primary if r["cell"]["defense"] == d] for d in points}, points,
+                                  again)[1]
 
 
 def family_section(suite, main_raw: list[dict], eu_raw: dict) -> dict | None:
@@ -118,8 +185,11 @@ def section(suite, records: list[dict], threats: list[str]) -> tuple[dict | None
         points, target, how = operating_points(suite, records)
     except (ValueError, NoScores) as exc:
         return None, [f"equal utility: not computed ({exc})"]
+    records, again = split_recrafted(records)
     by_def = {d: [r for r in records if r["cell"]["defense"] == d] for d in points}
-    at, worst = rescored_cells(by_def, points)
+    at, worst = rescored_cells(by_def, points, again)
+    redone = {(d, t) for (_, d, t), r in again.items() if d in points and r["status"] == "ok"
+              and as_float32(metrics_of(r).threshold) == as_float32(points[d].threshold)}
     budgets = sorted({b for w in worst.values() for b in w}, key=budget_order)
     missing = {b: comparability({d: rs for d, rs in by_def.items() if worst[d]}, b) for b in budgets}
     shown = [t for t in threats if suite.shown(t) and any((d, t) in at for d in points)]
@@ -142,8 +212,8 @@ def section(suite, records: list[dict], threats: list[str]) -> tuple[dict | None
                 row.append("")
                 continue
             rate = r.single_shot
-            row.append(pct(rate) + (BOUND_MARK if r.bound else ""))
-            raw_row["far"][t] = {**rate.to_dict(), "bound": r.bound}
+            row.append(pct(rate) + (BOUND_MARK if r.bound else "") + (RECRAFT_MARK if (d, t) in redone else ""))
+            raw_row["far"][t] = {**rate.to_dict(), "bound": r.bound, "recrafted": (d, t) in redone}
             if r.bound:
                 bounds.add(r.bound.split(": ", 1)[1].split(";")[0])
         rows.append(row)
@@ -164,6 +234,10 @@ def section(suite, records: list[dict], threats: list[str]) -> tuple[dict | None
     if bounds:
         caption += (" †: crafted for the model's own threshold by an attack whose images depend on it ("
                     + "; ".join(sorted(bounds)) + "): a lower bound of that attack at this operating point.")
+    if redone & {(d, t) for d in points for t in shown}:
+        caption += (" §: an attack whose images depend on the threshold, crafted again at this defense's "
+                    f"threshold, as an attacker who knows the deployed threshold would (its own cell, "
+                    f"`THREAT{RECRAFT_SUFFIX}`); the worst cases use it too.")
     if paired:
         caption += " Paired rankings at equal utility (sign tests, complete rows): " + "; ".join(
             f"{c}: {v}" for c, v in paired.items()) + "."

@@ -9,7 +9,7 @@ import torch
 
 from . import roc
 from .data import to_uint8
-from .equal_utility import undefended_rows, worst_at_equal_utility
+from .equal_utility import split_recrafted, undefended_rows, worst_at_equal_utility
 from .leaderboard import budget_order, first_per_defense, success, worst_case
 from .ranking import comparability
 from .pipeline.outcome import metrics_of
@@ -38,7 +38,7 @@ def far_plot(suite: Suite, records: list[dict], path: str | Path) -> Path | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in records if r["status"] == "ok"]
+    ok = [r for r in split_recrafted(records)[0] if r["status"] == "ok"]
     models = list(dict.fromkeys(r["cell"]["model"] for r in ok))
     if not models:
         return None
@@ -266,6 +266,7 @@ def tradeoff_curves(suite: Suite, records: list[dict], imgs: str | Path) -> dict
     out: dict[str, list[Path]] = {}
     if not suite.families:
         return out
+    everything, (records, _) = records, split_recrafted(records)
     ok = [r for r in records if r["status"] == "ok"]
     for model in dict.fromkeys(r["cell"]["model"] for r in ok):
         mine = [r for r in ok if r["cell"]["model"] == model]
@@ -275,7 +276,7 @@ def tradeoff_curves(suite: Suite, records: list[dict], imgs: str | Path) -> dict
                if (rs := [r for r in mine if r["cell"]["defense"] == d])}
         worst = {d: worst_case(rs) for d, rs in by_def.items() if d in frr}
         try:
-            eu = worst_at_equal_utility(suite, mine)[1]
+            eu = worst_at_equal_utility(suite, [r for r in everything if r["cell"]["model"] == model])[1]
         except ValueError:
             eu = {}
         undefended = [d for d in undefended_rows(suite) if d in frr]

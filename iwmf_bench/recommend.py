@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .equal_utility import defense_cells, rescored_cells, undefended_of
+from .equal_utility import defense_cells, rescored_cells, split_recrafted, undefended_of
 from .metrics import Rate
 from .operating_points import OperatingPoint, equal_utility, genuine_votes
 from .ranking import budget_order, comparability
@@ -49,7 +49,7 @@ def recommend(suite, records: list[dict], model: str, family: str, allowance: fl
     if family not in suite.families:
         raise ValueError(f"{suite.name}: no family {family!r} (strength sweeps: {', '.join(suite.families) or 'none'};"
                          " a defense entry with one list-valued option is a family)")
-    mine = [r for r in records if r["cell"]["model"] == model]
+    mine, again = split_recrafted([r for r in records if r["cell"]["model"] == model])
     undefended = undefended_of(suite, mine)
     if undefended is None:
         raise ValueError(f"{suite.name}/{model}: no finished undefended cell ('defense: none'): the constraint is "
@@ -62,7 +62,7 @@ def recommend(suite, records: list[dict], model: str, family: str, allowance: fl
         raise ValueError(f"{suite.name}/{model}: no finished cell of family {family!r}")
     points = {d: equal_utility(*defense_cells(rs), target, f"genuine FRR at most {100 * target:.1f}%", at_most=True)
               for d, rs in by_def.items()}
-    worst = rescored_cells(by_def, points)[1]
+    at, worst = rescored_cells(by_def, points, again)  # re-crafted cells count where crafted at that threshold
     budgets = sorted({b for w in worst.values() for b in w}, key=budget_order)
     if not budgets:
         raise ValueError(f"{suite.name}/{model}: family {family!r} has no attacked cell with a budget")
@@ -85,6 +85,10 @@ def recommend(suite, records: list[dict], model: str, family: str, allowance: fl
         rivals = [s.defense for s in eligible if s is not best and s.worst[budget]["ci95"][0] <= lo]
         caveat += (f"{', '.join(rivals)} cannot be told apart from it at 95%" if rivals
                    else "no other setting's interval overlaps its own")
+    bounded = sorted({t for (_, t), r in at.items() if r.bound})
+    if bounded:
+        caveat += (f"; {', '.join(bounded)} crafted for the model's threshold by attacks whose images depend on it: "
+                   "at these thresholds their rates are lower bounds")
     return Recommendation(model, family, f["parameter"], budget, undefended.frr_genuine, target, settings, best,
                           caveat)
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from .attacks.base import Attack
+from .equal_utility import recraft_cells
 from .errors import BenchError, NotApplicableError, WeightsError
 from .pipeline.build import build_attack, build_defense, build_model, check_applicable
 from .pipeline.cell import Cell
@@ -128,6 +129,22 @@ def run_cells(cells: list[Cell], results_root: str | Path, executor: str = "loca
         raise BenchError(f"unknown executor {executor!r}; use 'local' or 'ray'")
     bar.close()
     return [records[c.key] for c in cells]
+
+
+def run_suite(suite, cells: list[Cell], results_root: str | Path, executor: str = "local",
+              ray_address: str | None = None, progress: bool = True) -> list[dict]:
+    """Run ``cells`` of ``suite`` (:func:`run_cells`), then, when the suite sets
+    ``operating_point: {recraft: true}``, the cells that the finished ones call for at equal
+    utility (:func:`~iwmf_bench.equal_utility.recraft_cells`: a threshold-dependent attack
+    crafted again at its defense's re-tuned threshold, which is only known once the
+    genuine stages ran); their records follow the others."""
+    records = run_cells(cells, results_root, executor, ray_address, progress)
+    again = recraft_cells(suite, records)
+    if again:
+        print(f"equal utility: {len(again)} cell(s) of threshold-dependent attacks, crafted again at their "
+              "defense's re-tuned threshold", file=sys.stderr)
+        records += run_cells(again, results_root, executor, ray_address, progress)
+    return records
 
 
 def _summary(names: list[str], shown: int = 3) -> str:

@@ -45,8 +45,10 @@ class Suite:
     evaluation: dict = field(default_factory=dict)
     check: dict = field(default_factory=dict)
     # How the leaderboard's equal-utility operating point is set (:mod:`iwmf_bench.equal_utility`):
-    # ``{target_frr: 0.05}``; default the undefended model's genuine FRR. Read by the
-    # leaderboard only: no cell's key depends on it.
+    # ``{target_frr: 0.05}``; default the undefended model's genuine FRR. ``recraft: true``:
+    # threshold-dependent attacks are crafted again at each defense's operating point
+    # (:func:`iwmf_bench.equal_utility.recraft_cells`, cells of their own); without it their
+    # rates there are marked as bounds. No existing cell's key depends on it.
     operating_point: dict = field(default_factory=dict)
     # Strength sweeps of the defenses (:func:`expand_sweeps`): family label -> {"parameter": NAME,
     # "rows": {row label: value}}; each row is a defense of its own.
@@ -354,11 +356,15 @@ def expand_sweeps(path: Path, defenses: dict[str, dict]) -> tuple[dict[str, dict
 
 
 def check_operating_point(path: Path, spec: Any) -> dict:
-    """``operating_point: {target_frr: F}`` with F in [0, 1), or nothing."""
+    """``operating_point: {target_frr: F, recraft: true}`` (F in [0, 1), both optional), or nothing."""
     if spec is None:
         return {}
-    if not isinstance(spec, dict) or set(spec) - {"target_frr"} or not isinstance(spec.get("target_frr"), (int, float)) \
-            or isinstance(spec.get("target_frr"), bool) or not 0 <= spec["target_frr"] < 1:
-        raise BenchError(f"{path}: operating_point must be {{target_frr: F}} with F in [0, 1) (the genuine FRR "
-                         f"every defense is re-tuned to), got {spec!r}")
+    target = spec.get("target_frr") if isinstance(spec, dict) else None
+    if not isinstance(spec, dict) or set(spec) - {"target_frr", "recraft"} \
+            or ("target_frr" in spec and (not isinstance(target, (int, float)) or isinstance(target, bool)
+                                          or not 0 <= target < 1)) \
+            or not isinstance(spec.get("recraft", False), bool):
+        raise BenchError(f"{path}: operating_point must be {{target_frr: F, recraft: true|false}} (both optional; "
+                         "F in [0, 1): the genuine FRR every defense is re-tuned to; recraft: craft the attacks "
+                         f"whose images depend on the threshold again at each defense's threshold), got {spec!r}")
     return dict(spec)

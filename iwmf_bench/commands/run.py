@@ -8,7 +8,7 @@ from pathlib import Path
 from ..devices import resolve_device
 from ..errors import BenchError
 from ..publish import publish
-from ..runner import run_cells
+from ..runner import run_cells, run_suite
 from ..suite import check_data, find_suite, load_suite, parse_shard, validate
 
 DEFAULT_CONFIG = "default"  # the shipped default suite (configs/default.yaml in the source tree)
@@ -63,12 +63,15 @@ def run(args) -> int:
         raise BenchError("no cells selected")
     if args.executor == "local":  # on Ray the workers' devices count, checked per cell
         resolve_device(cells[0].device)
-    records = run_cells(cells, args.results, args.executor, args.ray_address, progress=not args.no_progress)
+    complete = shard is None and not any(filters)  # the cells re-crafted at equal utility need every cell
+    records = (run_suite(suite, cells, args.results, args.executor, args.ray_address, progress=not args.no_progress)
+               if complete else
+               run_cells(cells, args.results, args.executor, args.ray_address, progress=not args.no_progress))
     summary = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "n/a", "error")}
     na = f", {summary['n/a']} n/a" if summary["n/a"] else ""
     print(f"{len(records)} cells: {summary['ok']} ok, {summary['skipped']} skipped{na}, {summary['error']} errors "
           f"(results in {Path(args.results) / suite.name})")
-    if shard is None and not any(filters):
+    if complete:
         out = args.leaderboards or f"leaderboards/{suite.name}"
         for path in publish(suite, records, out, args.imgs, args.results):
             print(f"wrote {path}")

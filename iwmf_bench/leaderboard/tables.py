@@ -36,7 +36,10 @@ def paired_rankings(records: list[dict], columns: list[str], worst: dict[str, di
 
 
 def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
-    """Per model: headers, rows (display strings), raw rows (numbers) and skip notes."""
+    """Per model: headers, rows (display strings), raw rows (numbers) and skip notes. Cells
+    crafted again at a defense's equal-utility threshold count in that section only."""
+    everything = records
+    records = equal_utility.split_recrafted(records)[0]
     by = {(r["cell"]["model"], r["cell"]["defense"], r["cell"]["threat"]): r for r in records}
     models = list(dict.fromkeys(r["cell"]["model"] for r in records))
     all_threats = [t for t in suite.columns() if any(k[2] == t for k in by)]
@@ -118,7 +121,7 @@ def tables(suite: Suite, records: list[dict]) -> dict[str, dict[str, Any]]:
                                  {d: {b: w for b, w in worst[d].items() if not missing[b].get(d)} for d in defenses})
         if (line := identity_note(model_records)) is not None:
             notes.append(line)
-        eu, eu_notes = equal_utility.section(suite, model_records, threats)
+        eu, eu_notes = equal_utility.section(suite, [r for r in everything if r["cell"]["model"] == m], threats)
         notes += eu_notes
         families = equal_utility.family_section(suite, raw, eu["raw"]) if eu else None
         sections = [s for s in (eu, families, deployment_section(suite, model_records, threats),
