@@ -7,11 +7,10 @@ import tempfile
 from pathlib import Path
 
 from ..errors import BenchError
-from ..leaderboard import check as compare, provenance
+from ..leaderboard import check as compare, committed_suite_cells, provenance
 from ..suite import find_suite, load_suite, validate
 from ..publish import committed_records, publish, site_dir
 from ..site import build_site
-from ..equal_utility import recraft_cells
 from ..runner import run_suite
 from .run import add_suite_options, load_checked_suite
 
@@ -69,8 +68,7 @@ def check_provenance(args) -> int:
     suite = load_suite(find_suite(args.config))
     validate(suite)
     committed = args.leaderboards or f"leaderboards/{suite.name}"
-    # The cells re-crafted at equal utility follow from the committed cells' genuine scores.
-    problems = provenance(suite.cells() + recraft_cells(suite, committed_records(committed)), committed)
+    problems = provenance(committed_suite_cells(suite, committed), committed)
     if problems:
         for p in problems:
             print(f"leaderboard check --provenance: {p}", file=sys.stderr)

@@ -15,12 +15,12 @@ rules), :mod:`.deployments` (random defenses' deployments and known randomness),
 from ..pipeline.outcome import metrics_of
 from ..ranking import budget_order, worst_case
 from .cells import cell_display, cell_file, checked_rates, success
-from .check import check, provenance, staleness
+from .check import check, committed_suite_cells, provenance, staleness
 from .deployments import deployment_notes
 from .notes import first_per_defense, sanity_notes, weaker_than_reference
 from .render import render
 from .tables import tables
 
-__all__ = ["budget_order", "cell_display", "cell_file", "check", "checked_rates", "deployment_notes",
+__all__ = ["budget_order", "cell_display", "cell_file", "check", "checked_rates", "committed_suite_cells", "deployment_notes",
            "first_per_defense", "metrics_of", "provenance", "render", "sanity_notes", "staleness", "success",
            "tables", "weaker_than_reference", "worst_case"]

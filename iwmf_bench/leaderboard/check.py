@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+from ..equal_utility import recraft_cells
 from ..pipeline.cell import Cell
 from ..pipeline.outcome import metrics_of
 from .cells import cell_file, checked_rates
@@ -35,6 +36,15 @@ def staleness(record: dict) -> str | None:
     except TypeError:
         return "its config has fields the current code does not know"
     return None if cell.key == record["key"] else changed_code(record, cell)
+
+
+def committed_suite_cells(suite, committed_dir: str | Path) -> list[Cell]:
+    """The cells a committed leaderboard of ``suite`` should hold: the suite's own and those
+    re-crafted at equal utility that its committed cells call for
+    (:func:`~iwmf_bench.equal_utility.recraft_cells`: their thresholds come from the
+    committed genuine scores), computing nothing."""
+    records = [json.loads(p.read_text()) for p in sorted((Path(committed_dir) / "cells").glob("*.json"))]
+    return suite.cells() + recraft_cells(suite, records)
 
 
 def provenance(cells: list, committed_dir: str | Path) -> list[str]:
