@@ -233,7 +233,8 @@ def section(suite, records: list[dict], threats: list[str]) -> tuple[dict | None
                "robustness, listed after the comparable rows).")
     if bounds:
         caption += (" †: crafted for the model's own threshold by an attack whose images depend on it ("
-                    + "; ".join(sorted(bounds)) + "): a lower bound of that attack at this operating point.")
+                    + "; ".join(sorted(bounds)) + "): images crafted for another threshold, not what that attack crafts at this one (a suite's "
+                    "operating_point: {recraft: true} crafts it here).")
     if redone & {(d, t) for d in points for t in shown}:
         caption += (" §: an attack whose images depend on the threshold, crafted again at this defense's "
                     f"threshold, as an attacker who knows the deployed threshold would (its own cell, "

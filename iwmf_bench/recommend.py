@@ -88,7 +88,7 @@ def recommend(suite, records: list[dict], model: str, family: str, allowance: fl
     bounded = sorted({t for (_, t), r in at.items() if r.bound})
     if bounded:
         caveat += (f"; {', '.join(bounded)} crafted for the model's threshold by attacks whose images depend on it: "
-                   "at these thresholds their rates are lower bounds")
+                   "at these thresholds their rates come from images crafted for another one")
     return Recommendation(model, family, f["parameter"], budget, undefended.frr_genuine, target, settings, best,
                           caveat)
 
