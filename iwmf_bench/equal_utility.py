@@ -49,6 +49,12 @@ def threshold_dependent(record: dict) -> str | None:
     return (m.attack.notes if m.attack else {}).get("threshold_dependent")
 
 
+def crafted_at(record: dict | None, threshold: float) -> bool:
+    """Whether ``record`` is a finished cell crafted and scored at ``threshold`` (float32)."""
+    return record is not None and record["status"] == "ok" and \
+        as_float32(metrics_of(record).threshold) == as_float32(threshold)
+
+
 def recraft_cells(suite, records: list[dict]) -> list[Cell]:
     """The cells to craft again at equal utility: of each finished cell whose attack depends
     on the threshold, where its defense's equal-utility threshold is not the cell's, the same
@@ -116,16 +122,15 @@ def rescored_cells(by_def: dict[str, list[dict]], points: dict[str, OperatingPoi
     one) at the defense's operating point (``(defense, threat)`` ->
     :class:`~iwmf_bench.operating_points.Rescored`): the cell crafted again at that threshold
     where ``again`` (:func:`split_recrafted`) holds a finished one crafted at that very
-    threshold, else the cell re-scored from its scores (a bound if it depends on the threshold); and each defense's worst case there (:func:`~iwmf_bench.ranking.worst_case`)."""
+    threshold, else the cell re-scored from its scores (marked if it depends on the threshold);
+    and each defense's worst case there (:func:`~iwmf_bench.ranking.worst_case`)."""
     at = {}
     for d, rs in by_def.items():
         for r in rs:
             if r["status"] == "ok" and r["cell"]["threat_options"].get("attack"):
                 c = r["cell"]
                 redone = (again or {}).get((c["model"], d, c["threat"]))
-                crafted_here = redone is not None and redone["status"] == "ok" and \
-                    as_float32(metrics_of(redone).threshold) == as_float32(points[d].threshold)
-                source = redone if crafted_here else r
+                source = redone if crafted_at(redone, points[d].threshold) else r
                 at[(d, c["threat"])] = rescored(metrics_of(source), points[d].threshold)
     worst = {d: worst_case(rs, lambda r, d=d: at[(d, r["cell"]["threat"])].per_pair) for d, rs in by_def.items()}
     return at, worst
@@ -188,8 +193,7 @@ def section(suite, records: list[dict], threats: list[str]) -> tuple[dict | None
     records, again = split_recrafted(records)
     by_def = {d: [r for r in records if r["cell"]["defense"] == d] for d in points}
     at, worst = rescored_cells(by_def, points, again)
-    redone = {(d, t) for (_, d, t), r in again.items() if d in points and r["status"] == "ok"
-              and as_float32(metrics_of(r).threshold) == as_float32(points[d].threshold)}
+    redone = {(d, t) for (_, d, t), r in again.items() if d in points and crafted_at(r, points[d].threshold)}
     budgets = sorted({b for w in worst.values() for b in w}, key=budget_order)
     missing = {b: comparability({d: rs for d, rs in by_def.items() if worst[d]}, b) for b in budgets}
     shown = [t for t in threats if suite.shown(t) and any((d, t) in at for d in points)]
@@ -233,8 +237,8 @@ def section(suite, records: list[dict], threats: list[str]) -> tuple[dict | None
                "robustness, listed after the comparable rows).")
     if bounds:
         caption += (" †: crafted for the model's own threshold by an attack whose images depend on it ("
-                    + "; ".join(sorted(bounds)) + "): images crafted for another threshold, not what that attack crafts at this one (a suite's "
-                    "operating_point: {recraft: true} crafts it here).")
+                    + "; ".join(sorted(bounds)) + "): images crafted for another threshold, not what that "
+                    "attack crafts at this one (a suite's operating_point: {recraft: true} crafts it here).")
     if redone & {(d, t) for d in points for t in shown}:
         caption += (" §: an attack whose images depend on the threshold, crafted again at this defense's "
                     f"threshold, as an attacker who knows the deployed threshold would (its own cell, "

@@ -21,6 +21,6 @@ from .notes import first_per_defense, sanity_notes, weaker_than_reference
 from .render import render
 from .tables import tables
 
-__all__ = ["budget_order", "cell_display", "cell_file", "check", "checked_rates", "committed_suite_cells", "deployment_notes",
-           "first_per_defense", "metrics_of", "provenance", "render", "sanity_notes", "staleness", "success",
+__all__ = ["budget_order", "cell_display", "cell_file", "check", "checked_rates", "committed_suite_cells",
+           "deployment_notes", "first_per_defense", "metrics_of", "provenance", "render", "sanity_notes", "staleness", "success",
            "tables", "weaker_than_reference", "worst_case"]
